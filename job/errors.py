@@ -1,0 +1,40 @@
+"""Errors that end the job with a documented exit code.
+
+Kubernetes' podFailurePolicy keys on these codes, so they are part of the
+job's interface: change one and you change how clusters treat a failed pod.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILURE = 1  # anything unexpected: a bug, out of memory; worth a retry
+    USAGE = 2  # bad option, bad config, unusable output dir: retrying won't help
+    DATA = 3  # MNIST unavailable or corrupt
+    DEVICE = 4  # the requested device (GPU) is not visible
+    TERMINATED = 143  # SIGTERM (128 + 15): checkpoint written, rerun resumes
+
+
+class JobError(Exception):
+    """An expected failure: reported as one line, no traceback."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+
+class ConfigError(JobError):
+    exit_code = ExitCode.USAGE
+
+
+class DataError(JobError):
+    exit_code = ExitCode.DATA
+
+
+class DeviceError(JobError):
+    exit_code = ExitCode.DEVICE
+
+
+class Terminated(JobError):
+    exit_code = ExitCode.TERMINATED
