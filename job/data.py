@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from job.config import default_data_dir  # noqa: F401  (re-exported)
 from job.errors import DataError
 
 try:
@@ -75,11 +76,6 @@ class Mnist:
 
 class _Invalid(Exception):
     """A file or source that failed a check; the message is one short line."""
-
-
-def default_data_dir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "mnist-job"
 
 
 def fetch(data_dir: Path, source: MnistSource = DEFAULT_SOURCE) -> Path:

@@ -1,0 +1,83 @@
+"""Training state on disk, so a preempted or crashed run resumes where it was.
+
+One file, `latest.npz`: model weights, optimizer slots and a small JSON of
+counters and history, replaced atomically. It is small (about 1.3 MB for the
+seed's model), so writing all of it every time is simpler than anything
+incremental, and a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from job.artifacts import atomic_path
+from job.errors import ConfigError, JobError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the weights, define where training stands."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed within the current epoch
+    steps_per_epoch: int = 0
+    loss_sum: float = 0.0  # running sums for the current epoch's metrics
+    correct: float = 0.0
+    history: list[dict] = field(default_factory=list)  # one dict per completed epoch
+    fingerprint: dict = field(default_factory=dict)  # settings that must not change
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step
+
+
+def save(path: Path, weights: list, optimizer_variables: list, state: TrainState) -> None:
+    arrays = {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)}
+    arrays |= {f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer_variables)}
+    arrays["state"] = np.array(json.dumps(asdict(state)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load(path: Path) -> tuple[list, list, TrainState] | None:
+    """The checkpoint at `path`, or None if there is none."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            state = TrainState(**json.loads(str(npz["state"])))
+            weights = _numbered(npz, "weight_")
+            optimizer_variables = _numbered(npz, "optimizer_")
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise JobError(
+            f"checkpoint {path} is unreadable ({err}); delete it or pass --overwrite"
+        ) from None
+    return weights, optimizer_variables, state
+
+
+def _numbered(npz, prefix: str) -> list:
+    count = sum(1 for key in npz.files if key.startswith(prefix))
+    return [npz[f"{prefix}{i}"] for i in range(count)]
+
+
+def check_compatible(saved: TrainState, fingerprint: dict, path: Path) -> None:
+    """Refuse to resume with settings that change the model or the data order."""
+    changed = [
+        f"{key} {saved.fingerprint.get(key)!r} -> {value!r}"
+        for key, value in fingerprint.items()
+        if saved.fingerprint.get(key) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"checkpoint {path} was written with other settings ({'; '.join(changed)}): "
+            "rerun with the original settings, or pass --overwrite to start over"
+        )

@@ -1,0 +1,289 @@
+"""The `mnist-job` command: parses options into a TrainConfig and calls run().
+
+Nothing here imports TensorFlow, so `--help` and bad options answer at once.
+Every option can also come from the environment as MNIST_JOB_<OPTION>.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from job import __version__
+from job.config import DEFAULTS, DEVICES, LOG_FORMATS, STRATEGIES, TrainConfig
+from job.errors import ExitCode, JobError
+
+log = logging.getLogger("job")
+
+EXIT_CODES_HELP = """
+\b
+Exit codes:
+  0    success
+  1    unexpected failure (a bug, out of memory): worth a retry
+  2    usage or configuration error (bad option, unusable output dir,
+       finished run without --overwrite): fix the command
+  3    MNIST unavailable or corrupt
+  4    requested device unavailable (--device gpu without a GPU)
+  143  stopped by SIGTERM after writing a checkpoint: rerun to resume
+"""
+
+# Platform conventions, used where no flag or MNIST_JOB_* variable sets the
+# option (flag > MNIST_JOB_* > platform > default). Only local paths count:
+# a gs:// or s3:// URI is the platform's business, not a directory we can write.
+PLATFORM_ENV = {
+    "model_dir": ("AIP_MODEL_DIR", "SM_MODEL_DIR"),
+    "checkpoint_dir": ("AIP_CHECKPOINT_DIR",),
+    "tensorboard_dir": ("AIP_TENSORBOARD_LOG_DIR",),
+    "output_dir": ("SM_OUTPUT_DATA_DIR",),
+    "data_dir": ("SM_CHANNEL_TRAINING",),
+}
+
+
+def option(*decls: str, **kwargs):
+    """click.option with the MNIST_JOB_<OPTION> variable and defaults shown."""
+    name = decls[0].lstrip("-").split("/")[0]
+    kwargs.setdefault("envvar", "MNIST_JOB_" + name.upper().replace("-", "_"))
+    kwargs.setdefault("show_envvar", True)
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, **kwargs)
+
+
+class HiddenUnits(click.ParamType):
+    name = "UNITS,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            units = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            units = ()
+        if not units or min(units) < 1:
+            self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+        return units
+
+
+PATH = click.Path(path_type=Path, file_okay=False)
+POSITIVE = click.IntRange(min=1)
+
+data_dir_option = option(
+    "--data-dir",
+    type=PATH,
+    default=None,
+    help=f"MNIST cache directory. [default: {DEFAULTS.data_dir}]",
+    show_default=False,
+)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EXIT_CODES_HELP,
+)
+@click.version_option(__version__, prog_name="mnist-job")
+def cli() -> None:
+    """Train the seed's MNIST classifier and write the model, TensorBoard logs,
+    a predictions PNG and metrics.json to an output directory.
+
+    \b
+    Quick start:
+      mnist-job train                       # the seed's 5 epochs, outputs/ here
+      mnist-job train --epochs 1 --max-train-samples 2000 --output-dir /tmp/run
+    """
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@option("--epochs", type=POSITIVE, default=DEFAULTS.epochs, help="Passes over the training set.")
+@option(
+    "--batch-size",
+    type=POSITIVE,
+    default=DEFAULTS.batch_size,
+    help="Global batch size, split evenly across replicas.",
+)
+@option("--learning-rate", type=float, default=DEFAULTS.learning_rate, help="Adam learning rate.")
+@option(
+    "--hidden-units",
+    type=HiddenUnits(),
+    default=",".join(map(str, DEFAULTS.hidden_units)),
+    help="Width of each hidden Dense layer.",
+)
+@option("--seed", type=int, default=DEFAULTS.seed, help="Seeds initialisation and shuffling.")
+@option(
+    "--deterministic/--no-deterministic",
+    default=DEFAULTS.deterministic,
+    help="Turn on TensorFlow op determinism (bit-identical reruns).",
+)
+@option(
+    "--output-dir",
+    type=PATH,
+    default=None,
+    help="Where artifacts go. [default: outputs]",
+    show_default=False,
+)
+@data_dir_option
+@option(
+    "--max-train-samples",
+    type=POSITIVE,
+    default=None,
+    help="Train on the first N images only (quick runs). [default: all 60000]",
+    show_default=False,
+)
+@option(
+    "--num-images",
+    type=click.IntRange(min=0),
+    default=DEFAULTS.num_images,
+    help="Test images in predictions.png.",
+)
+@option(
+    "--overwrite/--no-overwrite",
+    default=DEFAULTS.overwrite,
+    help="Replace a finished run (and its checkpoint) in the output dir.",
+)
+@option(
+    "--checkpoint-every",
+    type=POSITIVE,
+    default=None,
+    help="Also checkpoint every N steps. [default: every epoch only]",
+    show_default=False,
+)
+@option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=DEFAULTS.strategy,
+    help="tf.distribute strategy; auto: multi-worker if a cluster is configured, "
+    "mirrored on several GPUs, one-device on one GPU, default on CPU.",
+)
+@option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device, help="Where to train.")
+@option(
+    "--num-workers",
+    type=POSITIVE,
+    default=DEFAULTS.num_workers,
+    help="Workers of a Kubernetes Indexed Job (cluster derived from the pod).",
+)
+@option(
+    "--worker-service",
+    default=None,
+    help="Headless Service (the pods' subdomain) of an Indexed Job's workers.",
+)
+@option("--worker-port", type=POSITIVE, default=DEFAULTS.worker_port, help="Workers' gRPC port.")
+@option(
+    "--model-dir",
+    type=PATH,
+    default=None,
+    help="model.keras and saved_model/ go here. "
+    "[default: the output dir, or AIP_MODEL_DIR / SM_MODEL_DIR]",
+    show_default=False,
+)
+@option(
+    "--checkpoint-dir",
+    type=PATH,
+    default=None,
+    help="Checkpoints go here. [default: <output-dir>/checkpoints, or AIP_CHECKPOINT_DIR]",
+    show_default=False,
+)
+@option(
+    "--tensorboard-dir",
+    type=PATH,
+    default=None,
+    help="TensorBoard logs go here. "
+    "[default: <output-dir>/tensorboard, or AIP_TENSORBOARD_LOG_DIR]",
+    show_default=False,
+)
+@option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=DEFAULTS.log_format,
+    help="auto: a progress bar on a terminal, plain lines otherwise; json: one object per line.",
+)
+@option("--verbose/--quiet", default=None, help="More or less logging.", show_default=False)
+@click.option("--model_dir", "sagemaker_model_dir", hidden=True, default=None)
+def train(verbose, sagemaker_model_dir, **options) -> None:
+    """Train the model and write every artifact to the output dir.
+
+    Rerunning the same command on the same output dir resumes from the last
+    checkpoint; a finished run is left alone unless --overwrite.
+    """
+    options = _apply_platform_env(options, os.environ)
+    verbosity = {None: 1, False: 0, True: 2}[verbose]
+    config = TrainConfig(verbosity=verbosity, **options)
+    _configure_logging(config.verbosity, config.log_format)
+    if sagemaker_model_dir:
+        # SageMaker's TensorFlow estimator always passes this (an S3 URI).
+        log.info("Ignoring --model_dir %s (SageMaker's; use SM_MODEL_DIR)", sagemaker_model_dir)
+    from job.runner import run
+
+    run(config)
+
+
+@cli.group()
+def data() -> None:
+    """Fetch or check the MNIST cache (the Docker build uses these)."""
+
+
+@data.command()
+@data_dir_option
+def fetch(data_dir: Path | None) -> None:
+    """Download MNIST into the cache and verify its checksums."""
+    from job.data import fetch as fetch_mnist
+
+    _configure_logging(1, "text")
+    click.echo(fetch_mnist(data_dir or DEFAULTS.data_dir))
+
+
+@data.command()
+@data_dir_option
+def verify(data_dir: Path | None) -> None:
+    """Check the cached MNIST file (exit 3 if missing or corrupt); never downloads."""
+    from job.data import verify as verify_mnist
+
+    _configure_logging(1, "text")
+    click.echo(f"{verify_mnist(data_dir or DEFAULTS.data_dir)}: OK")
+
+
+def _apply_platform_env(options: dict, environ) -> dict:
+    options = dict(options)
+    for name, variables in PLATFORM_ENV.items():
+        if options.get(name) is not None:
+            continue
+        for variable in variables:
+            value = environ.get(variable, "")
+            if value and "://" not in value:
+                options[name] = Path(value)
+                break
+    options = {name: value for name, value in options.items() if value is not None}
+    return options
+
+
+def _configure_logging(verbosity: int, log_format: str) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    if verbosity < 2:
+        # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise here.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; expected failures print one line and exit with their code."""
+    try:
+        code = cli.main(args=argv, prog_name="mnist-job", standalone_mode=False)
+    except click.exceptions.Abort:
+        code = 130
+    except click.ClickException as err:
+        click.echo(f"mnist-job: error: {err.format_message()}", err=True)
+        code = ExitCode.USAGE
+    except JobError as err:
+        click.echo(f"mnist-job: error: {err}", err=True)
+        code = err.exit_code
+    except Exception:
+        traceback.print_exc()
+        code = ExitCode.FAILURE
+    sys.exit(int(code or 0))

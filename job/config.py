@@ -1,0 +1,126 @@
+"""Every setting of a training run, with its default, in one typed place.
+
+The defaults reproduce the seed script: the same MLP, Adam at 1e-3, 5 epochs of
+batch 32, the test set as validation data. The CLI builds a `TrainConfig` from
+flags and `MNIST_JOB_*` environment variables; tests build one directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from job.errors import ConfigError
+
+STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker")
+DEVICES = ("auto", "cpu", "gpu")
+LOG_FORMATS = ("auto", "text", "json")
+
+
+def default_data_dir() -> Path:
+    """The MNIST cache: $XDG_CACHE_HOME/mnist-job, else ~/.cache/mnist-job."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "mnist-job"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Model and optimisation: the seed's values.
+    epochs: int = 5
+    batch_size: int = 32  # global: split evenly across replicas
+    learning_rate: float = 1e-3
+    hidden_units: tuple[int, ...] = (128, 64)
+    seed: int = 0
+    deterministic: bool = False  # TensorFlow op determinism: bit-identical reruns
+
+    # Data.
+    data_dir: Path = field(default_factory=default_data_dir)
+    max_train_samples: int | None = None  # None: all 60,000
+
+    # Outputs. Platform conventions (Vertex AI, SageMaker) may redirect the
+    # model, checkpoints and TensorBoard logs; None means "under output_dir".
+    output_dir: Path = Path("outputs")
+    model_dir: Path | None = None
+    checkpoint_dir: Path | None = None
+    tensorboard_dir: Path | None = None
+    num_images: int = 5  # panels in predictions.png
+    overwrite: bool = False  # replace a finished run in output_dir
+    checkpoint_every: int | None = None  # steps; checkpoints also end every epoch
+
+    # Where it runs.
+    strategy: str = "auto"
+    device: str = "auto"
+    num_workers: int = 1  # Kubernetes Indexed Job: derive the cluster from the pod
+    worker_service: str | None = None  # headless Service naming the worker pods
+    worker_port: int = 2222
+
+    # Logging.
+    verbosity: int = 1  # 0 quiet, 1 normal, 2 debug
+    log_format: str = "auto"  # auto: progress bar on a terminal, lines otherwise
+
+    def __post_init__(self) -> None:
+        positive = {
+            "epochs": self.epochs,
+            "batch-size": self.batch_size,
+            "max-train-samples": self.max_train_samples,
+            "checkpoint-every": self.checkpoint_every,
+            "num-workers": self.num_workers,
+            "worker-port": self.worker_port,
+        }
+        for option, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"--{option} must be at least 1, got {value}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not self.hidden_units or any(units < 1 for units in self.hidden_units):
+            raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
+        if self.num_images < 0:
+            raise ConfigError(f"--num-images must be 0 or more, got {self.num_images}")
+        for option, value, choices in (
+            ("strategy", self.strategy, STRATEGIES),
+            ("device", self.device, DEVICES),
+            ("log-format", self.log_format, LOG_FORMATS),
+        ):
+            if value not in choices:
+                raise ConfigError(f"--{option} must be one of {', '.join(choices)}, got {value!r}")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: paths as strings, tuples as lists."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    # Derived locations: everything the chief writes lives under these.
+    @property
+    def model_path(self) -> Path:
+        return (self.model_dir or self.output_dir) / "model.keras"
+
+    @property
+    def saved_model_path(self) -> Path:
+        return (self.model_dir or self.output_dir) / "saved_model"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return (self.checkpoint_dir or self.output_dir / "checkpoints") / "latest.npz"
+
+    @property
+    def tensorboard_path(self) -> Path:
+        return self.tensorboard_dir or self.output_dir / "tensorboard"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.json"
+
+
+DEFAULTS = TrainConfig()

@@ -1,0 +1,184 @@
+"""The training loop: one path for every strategy, fast on one device.
+
+Why not `model.fit`: Keras 3's fit does not work under
+MultiWorkerMirroredStrategy, and on a small model its per-step overhead, not
+arithmetic, dominates. Here one call of a compiled function runs a whole chunk
+of steps (by default an epoch) over the training set held in memory as uint8:
+
+- each epoch's shuffle is a [steps, global_batch] index matrix, computed from
+  (seed, epoch) alone, so a resumed run sees exactly the batches it would have;
+- each replica takes its own columns of that matrix (its share of the global
+  batch) and gathers its rows inside the loop; no tf.data pipeline;
+- pixels are scaled to [0, 1] in-graph, so no float copy of the data exists;
+- gradients are all-reduced by the Keras optimizer under the strategy; the
+  loss is summed per replica and divided by the global batch, so the update is
+  the same as one device would make for the whole batch.
+
+Per-step slicing with a moving start offset is slow under XLA; `tf.gather` of
+one row of the index matrix per step is not, and loop bounds passed as tensors
+do not trigger recompilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job.checkpoint import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    probabilities: np.ndarray  # [n, 10]
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
+    """Row indices of every batch of one epoch, [steps, batch_size] int32.
+
+    Depends only on (seed, epoch): a resumed run recomputes the same order.
+    The remainder (num_examples % batch_size) is skipped, a different part
+    each epoch; every replica must take equal steps.
+    """
+    steps = num_examples // batch_size
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return permutation[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+class Trainer:
+    """Runs epochs and chunks of steps; the runner decides what to save when."""
+
+    def __init__(self, model, optimizer, strategy, global_batch: int, jit_compile: bool):
+        self.model = model
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.global_batch = global_batch
+        replicas = strategy.num_replicas_in_sync
+        self.per_replica_batch = global_batch // replicas
+        self._train_chunk = tf.function(self._train_chunk_cross_replica, jit_compile=jit_compile)
+        self._evaluate = tf.function(self._evaluate_graph, jit_compile=jit_compile)
+
+    # -- compiled parts ---------------------------------------------------------
+
+    def _replica_steps(self, images, labels, order, start, stop, stop_flag):
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        first = replica * self.per_replica_batch
+        my_order = order[:, first : first + self.per_replica_batch]
+        variables = self.model.trainable_variables
+
+        def step(i, loss_sum, correct):
+            rows = tf.gather(my_order, i)
+            x = tf.cast(tf.gather(images, rows), tf.float32) / 255.0
+            y = tf.gather(labels, rows)
+            with tf.GradientTape() as tape:
+                probabilities = self.model(x, training=True)
+                losses = keras.losses.sparse_categorical_crossentropy(y, probabilities)
+                loss = tf.reduce_sum(losses) / self.global_batch
+            gradients = tape.gradient(loss, variables)
+            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+            hits = tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), y)
+            return i + 1, loss_sum + loss, correct + tf.reduce_sum(tf.cast(hits, tf.float32))
+
+        zero = tf.constant(0.0)
+        _, loss_sum, correct = tf.while_loop(
+            lambda i, *_: i < stop, step, (start, zero, zero), parallel_iterations=1
+        )
+        return loss_sum, correct, stop_flag
+
+    def _train_chunk_cross_replica(self, images, labels, order, start, stop, stop_flag):
+        per_replica = self.strategy.run(
+            self._replica_steps, args=(images, labels, order, start, stop, stop_flag)
+        )
+        loss_sum, correct, stop_any = per_replica
+        return (
+            self.strategy.reduce("SUM", loss_sum, axis=None),
+            self.strategy.reduce("SUM", correct, axis=None),
+            # Any worker asked to stop -> all stop after this chunk, at the same step.
+            self.strategy.reduce("SUM", stop_any, axis=None),
+        )
+
+    def _evaluate_graph(self, images, labels):
+        probabilities = self.model(tf.cast(images, tf.float32) / 255.0, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        hits = tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), labels)
+        return tf.reduce_mean(losses), tf.reduce_mean(tf.cast(hits, tf.float32)), probabilities
+
+    # -- driver -------------------------------------------------------------------
+
+    def run_chunk(self, data, order, start: int, stop: int, stop_requested: bool):
+        """Train steps [start, stop) of an epoch; returns (loss_sum, correct, stop_all)."""
+        loss_sum, correct, stop_all = self._train_chunk(
+            data.images,
+            data.labels,
+            tf.constant(order),
+            tf.constant(start, tf.int32),
+            tf.constant(stop, tf.int32),
+            tf.constant(1.0 if stop_requested else 0.0),
+        )
+        return float(loss_sum), float(correct), bool(stop_all > 0)
+
+    def evaluate(self, data) -> Evaluation:
+        loss, accuracy, probabilities = self._evaluate(data.images, data.labels)
+        return Evaluation(float(loss), float(accuracy), probabilities.numpy())
+
+    def fit(
+        self,
+        train,
+        test,
+        state: TrainState,
+        epochs: int,
+        seed: int,
+        checkpoint_every: int | None,
+        on_checkpoint: Callable[[TrainState], None],
+        on_epoch_end: Callable[[TrainState, dict], None],
+        stop_requested: Callable[[], bool],
+    ) -> bool:
+        """Train until `epochs` are complete; False if stopped early (after a
+        checkpoint), True when done. `state` is updated in place."""
+        steps = state.steps_per_epoch
+        chunk = checkpoint_every or steps
+        while state.epoch < epochs:
+            order = epoch_order(seed, state.epoch, train.size, self.global_batch)
+            started = time.perf_counter()
+            trained_before = state.step
+            while state.step < steps:
+                # Stop at the next checkpoint boundary (in global steps) or epoch end.
+                stop = min(steps, state.step + chunk - state.global_step % chunk)
+                loss_sum, correct, stop_all = self.run_chunk(
+                    train, order, state.step, stop, stop_requested()
+                )
+                state.step, state.loss_sum, state.correct = (
+                    stop,
+                    state.loss_sum + loss_sum,
+                    state.correct + correct,
+                )
+                if stop_all:
+                    on_checkpoint(state)
+                    return False
+                if checkpoint_every and state.global_step % checkpoint_every == 0 and stop < steps:
+                    on_checkpoint(state)
+            seconds = time.perf_counter() - started
+            validation = self.evaluate(test)
+            record = {
+                "epoch": state.epoch + 1,
+                "loss": state.loss_sum / steps,
+                "accuracy": state.correct / (steps * self.global_batch),
+                "val_loss": validation.loss,
+                "val_accuracy": validation.accuracy,
+                "seconds": seconds,
+                "images_per_second": (steps - trained_before) * self.global_batch / seconds,
+            }
+            state.history.append(record)
+            state.epoch, state.step, state.loss_sum, state.correct = state.epoch + 1, 0, 0.0, 0.0
+            on_checkpoint(state)
+            on_epoch_end(state, record)
+        return True

@@ -1,0 +1,277 @@
+"""`run(config)`: one training job from data to artifacts.
+
+Tests and other programs call `run` directly and may inject the data and the
+strategy (`datasets=`, `strategy=`), as tensorflow/models' runners do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from job import artifacts, checkpoint
+from job.config import TrainConfig
+from job.errors import ConfigError, Terminated
+from job.strategy import resolve_cluster, setup
+
+log = logging.getLogger(__name__)
+
+
+def run(config: TrainConfig, datasets=None, strategy=None) -> dict:
+    """Train, evaluate and (on the chief) write every artifact; return metrics.
+
+    `datasets`: a `job.data.Mnist`-like object (uint8 x_train, y_train, x_test,
+    y_test) to use instead of the MNIST cache. `strategy`: a ready
+    tf.distribute.Strategy to use instead of the one `config.strategy` names.
+    """
+    started = time.perf_counter()
+    is_chief = resolve_cluster(config).is_chief
+    if is_chief:
+        _prepare_output_dir(config)
+
+    placement = setup(config, strategy)
+    if config.batch_size % placement.num_replicas:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} (global) must divide evenly "
+            f"across {placement.num_replicas} replicas"
+        )
+    import keras
+    import tensorflow as tf
+
+    from job.data import load
+    from job.loop import Trainer
+    from job.model import build_model, build_optimizer
+
+    keras.utils.set_random_seed(config.seed)
+    _log_placement(placement, config)
+
+    data_started = time.perf_counter()
+    mnist = datasets if datasets is not None else load(config.data_dir)
+    train = _InMemory(mnist.x_train[: config.max_train_samples], mnist.y_train, tf)
+    test = _InMemory(mnist.x_test, mnist.y_test, tf)
+    data_seconds = time.perf_counter() - data_started
+    steps_per_epoch = train.size // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the {train.size} training images"
+        )
+
+    with placement.strategy.scope():
+        model = build_model(config.hidden_units)
+        optimizer = build_optimizer(config.learning_rate)
+        optimizer.build(model.trainable_variables)
+    trainer = Trainer(
+        model,
+        optimizer,
+        placement.strategy,
+        global_batch=config.batch_size,
+        jit_compile=placement.compiles_with_xla,
+    )
+    state = _restore(config, model, optimizer, steps_per_epoch, train.size)
+    start_step = state.global_step
+    resumed_at = (state.epoch, state.step) if start_step else None
+
+    from job.summaries import Summaries
+
+    summaries = Summaries(config.tensorboard_path if is_chief else None)
+
+    def save_checkpoint(state: checkpoint.TrainState) -> None:
+        if is_chief:
+            optimizer_values = [v.numpy() for v in optimizer.variables]
+            checkpoint.save(config.checkpoint_path, model.get_weights(), optimizer_values, state)
+
+    def end_of_epoch(state: checkpoint.TrainState, record: dict) -> None:
+        log.info(
+            "epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
+            "(%.2f s, %.0f images/s)",
+            record["epoch"],
+            config.epochs,
+            record["loss"],
+            record["accuracy"],
+            record["val_loss"],
+            record["val_accuracy"],
+            record["seconds"],
+            record["images_per_second"],
+        )
+        summaries.epoch(record)
+
+    fit_started = time.perf_counter()
+    with _sigterm_flag() as stop_requested:
+        finished = trainer.fit(
+            train,
+            test,
+            state,
+            epochs=config.epochs,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            on_checkpoint=save_checkpoint,
+            on_epoch_end=end_of_epoch,
+            stop_requested=stop_requested,
+        )
+    fit_seconds = time.perf_counter() - fit_started
+    if not finished:
+        summaries.close()
+        raise Terminated(
+            f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}: "
+            f"checkpoint saved in {config.checkpoint_path.parent}; rerun the same command to resume"
+        )
+
+    evaluate_started = time.perf_counter()
+    final = trainer.evaluate(test)
+    evaluate_seconds = time.perf_counter() - evaluate_started
+    log.info("test loss %.4f, test accuracy %.4f", final.loss, final.accuracy)
+
+    trained_images = (config.epochs * steps_per_epoch - start_step) * config.batch_size
+    metrics = {
+        "config": config.to_dict(),
+        "history": state.history,
+        "test": {"loss": final.loss, "accuracy": final.accuracy},
+        "resumed_from": {"epoch": resumed_at[0], "step": resumed_at[1]} if resumed_at else None,
+        "timings": {
+            "data_seconds": data_seconds,
+            "fit_seconds": fit_seconds,
+            "evaluate_seconds": evaluate_seconds,
+        },
+        "throughput": {"train_images_per_second": trained_images / fit_seconds},
+        "versions": _versions(tf, keras),
+        "devices": {
+            "strategy": placement.strategy_name,
+            "replicas": placement.num_replicas,
+            "workers": max(1, placement.cluster.num_workers),
+            "gpus": placement.gpus,
+            "cpu_threads": placement.cpu_threads,
+        },
+    }
+    if is_chief:
+        artifacts_started = time.perf_counter()
+        _write_artifacts(config, model, mnist, final, summaries, len(state.history))
+        metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
+        metrics["timings"]["total_seconds"] = time.perf_counter() - started
+        # Last, so that its presence means the run finished.
+        artifacts.write_json(config.metrics_path, metrics)
+        log.info("Wrote model, logs, predictions and metrics to %s", config.output_dir)
+    summaries.close()
+    return metrics
+
+
+class _InMemory:
+    """A split as device tensors: uint8 images, int32 labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, tf):
+        self.size = len(images)
+        self.images = tf.constant(images, dtype=tf.uint8)
+        self.labels = tf.constant(labels[: self.size], dtype=tf.int32)
+
+
+def _prepare_output_dir(config: TrainConfig) -> None:
+    artifacts.ensure_writable_dir(config.output_dir, "output dir")
+    if config.metrics_path.exists():
+        if not config.overwrite:
+            raise ConfigError(
+                f"{config.output_dir} holds a finished run (metrics.json): "
+                "pass --overwrite to replace it, or choose another --output-dir"
+            )
+        log.warning("--overwrite: replacing the finished run in %s", config.output_dir)
+    if config.overwrite:
+        # Start over: the old run's checkpoint and logs would otherwise be resumed
+        # from or mixed into the new run. The metrics go first, so an interrupted
+        # overwrite never looks like a finished run.
+        config.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(config.checkpoint_path.parent, ignore_errors=True)
+        shutil.rmtree(config.tensorboard_path, ignore_errors=True)
+
+
+def _fingerprint(config: TrainConfig, train_size: int) -> dict:
+    """What a checkpoint depends on: resuming with other values would be wrong."""
+    return {
+        "hidden_units": list(config.hidden_units),
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "train_size": train_size,
+    }
+
+
+def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int):
+    fingerprint = _fingerprint(config, train_size)
+    saved = checkpoint.load(config.checkpoint_path)
+    if saved is None:
+        return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)
+    weights, optimizer_values, state = saved
+    checkpoint.check_compatible(state, fingerprint, config.checkpoint_path)
+    model.set_weights(weights)
+    for variable, value in zip(optimizer.variables, optimizer_values, strict=True):
+        variable.assign(value)
+    log.info(
+        "Resuming from %s: epoch %d, step %d (global step %d)",
+        config.checkpoint_path,
+        state.epoch + 1,
+        state.step,
+        state.global_step,
+    )
+    return state
+
+
+def _write_artifacts(config, model, mnist, final, summaries, epochs_done: int) -> None:
+    from job.model import build_model, compile_for_users
+    from job.plots import predictions_panel
+
+    # Save a plain copy: the training model's variables may be distributed, and
+    # the saved one should load anywhere, compiled as the seed compiled it.
+    saved = build_model(config.hidden_units)
+    saved.set_weights(model.get_weights())
+    compile_for_users(saved, config.learning_rate)
+    artifacts.save_keras_model(saved, config.model_path)
+    artifacts.export_saved_model(saved, config.saved_model_path)
+
+    if config.num_images:
+        rng = np.random.default_rng(config.seed)
+        count = min(config.num_images, len(mnist.x_test))
+        picks = rng.choice(len(mnist.x_test), count, replace=False)
+        predicted = final.probabilities[picks].argmax(axis=1)
+        png = predictions_panel(mnist.x_test[picks], mnist.y_test[picks], predicted)
+        artifacts.write_bytes(config.output_dir / "predictions.png", png)
+        summaries.image("predictions", png, step=epochs_done)
+
+
+def _versions(tf, keras) -> dict:
+    import job
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "mnist_job": job.__version__,
+    }
+
+
+def _log_placement(placement, config: TrainConfig) -> None:
+    log.info(
+        "Strategy %s: %d replica(s) on %s; global batch %d = %d per replica; %d CPU threads",
+        placement.strategy_name,
+        placement.num_replicas,
+        ", ".join(placement.gpus) or "CPU",
+        config.batch_size,
+        config.batch_size // placement.num_replicas,
+        placement.cpu_threads,
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator:
+    """While training, SIGTERM (Kubernetes eviction, docker stop) only sets a
+    flag: the loop checkpoints at the end of the current chunk and stops."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
