@@ -64,46 +64,55 @@ class Trainer:
         self.global_batch = global_batch
         replicas = strategy.num_replicas_in_sync
         self.per_replica_batch = global_batch // replicas
-        self._train_chunk = tf.function(self._train_chunk_cross_replica, jit_compile=jit_compile)
+        with strategy.scope():
+            self._loss_sum, self._correct = (
+                tf.Variable(
+                    0.0,
+                    trainable=False,
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.SUM,
+                )
+                for _ in range(2)
+            )
+        self._train_chunk = tf.function(self._train_chunk_graph, jit_compile=jit_compile)
         self._evaluate = tf.function(self._evaluate_graph, jit_compile=jit_compile)
 
     # -- compiled parts ---------------------------------------------------------
 
-    def _replica_steps(self, images, labels, order, start, stop, stop_flag):
+    def _replica_step(self, images, labels, order, step):
+        """One step on one replica: its share of row `step` of the epoch order."""
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         first = replica * self.per_replica_batch
-        my_order = order[:, first : first + self.per_replica_batch]
+        rows = tf.gather(order, step)[first : first + self.per_replica_batch]
+        x = tf.cast(tf.gather(images, rows), tf.float32) / 255.0
+        y = tf.gather(labels, rows)
         variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            probabilities = self.model(x, training=True)
+            losses = keras.losses.sparse_categorical_crossentropy(y, probabilities)
+            loss = tf.reduce_sum(losses) / self.global_batch
+        gradients = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        hits = tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), y)
+        # Replica-local sums, added up across replicas only when read.
+        self._loss_sum.assign_add(loss)
+        self._correct.assign_add(tf.reduce_sum(tf.cast(hits, tf.float32)))
 
-        def step(i, loss_sum, correct):
-            rows = tf.gather(my_order, i)
-            x = tf.cast(tf.gather(images, rows), tf.float32) / 255.0
-            y = tf.gather(labels, rows)
-            with tf.GradientTape() as tape:
-                probabilities = self.model(x, training=True)
-                losses = keras.losses.sparse_categorical_crossentropy(y, probabilities)
-                loss = tf.reduce_sum(losses) / self.global_batch
-            gradients = tape.gradient(loss, variables)
-            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
-            hits = tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), y)
-            return i + 1, loss_sum + loss, correct + tf.reduce_sum(tf.cast(hits, tf.float32))
-
-        zero = tf.constant(0.0)
-        _, loss_sum, correct = tf.while_loop(
-            lambda i, *_: i < stop, step, (start, zero, zero), parallel_iterations=1
-        )
-        return loss_sum, correct, stop_flag
-
-    def _train_chunk_cross_replica(self, images, labels, order, start, stop, stop_flag):
-        per_replica = self.strategy.run(
-            self._replica_steps, args=(images, labels, order, start, stop, stop_flag)
-        )
-        loss_sum, correct, stop_any = per_replica
+    def _train_chunk_graph(self, images, labels, order, start, stop, stop_flag):
+        # The loop stays outside strategy.run: the optimizer's gradient
+        # all-reduce cannot sit inside control flow within a replica function.
+        self._loss_sum.assign(0.0)
+        self._correct.assign(0.0)
+        step = start
+        while step < stop:
+            self.strategy.run(self._replica_step, args=(images, labels, order, step))
+            step += 1
+        # Any worker asked to stop -> all stop after this chunk, at the same step.
+        stop_votes = self.strategy.run(lambda: stop_flag)
         return (
-            self.strategy.reduce("SUM", loss_sum, axis=None),
-            self.strategy.reduce("SUM", correct, axis=None),
-            # Any worker asked to stop -> all stop after this chunk, at the same step.
-            self.strategy.reduce("SUM", stop_any, axis=None),
+            self._loss_sum.read_value(),
+            self._correct.read_value(),
+            self.strategy.reduce("SUM", stop_votes, axis=None),
         )
 
     def _evaluate_graph(self, images, labels):

@@ -13,6 +13,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,8 +25,14 @@ from job.strategy import resolve_cluster, setup
 log = logging.getLogger(__name__)
 
 
-def run(config: TrainConfig, datasets=None, strategy=None) -> dict:
-    """Train, evaluate and (on the chief) write every artifact; return metrics.
+@dataclass
+class RunResult:
+    metrics: dict  # what metrics.json holds (every worker has it, only the chief writes it)
+    model: object  # the trained keras.Model
+
+
+def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
+    """Train, evaluate and (on the chief) write every artifact.
 
     `datasets`: a `job.data.Mnist`-like object (uint8 x_train, y_train, x_test,
     y_test) to use instead of the MNIST cache. `strategy`: a ready
@@ -158,7 +165,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> dict:
         artifacts.write_json(config.metrics_path, metrics)
         log.info("Wrote model, logs, predictions and metrics to %s", config.output_dir)
     summaries.close()
-    return metrics
+    return RunResult(metrics, model)
 
 
 class _InMemory:

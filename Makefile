@@ -1,0 +1,61 @@
+# mnist-job: `make train` and `make test` work from a fresh clone; `make help` lists all.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+OUTPUT_DIR ?= outputs
+ARGS ?=
+WORKERS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: help install train train-multiworker test test-fast lint format tensorboard bench clean lock
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort \
+	  | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(VENV_STAMP): requirements/dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --editable .
+	touch $@
+
+install: $(VENV_STAMP) ## Create .venv with the pinned dependencies and the job
+
+train: $(VENV_STAMP) ## Train with the seed's settings into outputs/ (ARGS="--epochs 1" etc.)
+	$(VENV)/bin/mnist-job train --output-dir $(OUTPUT_DIR) $(ARGS)
+
+train-multiworker: $(VENV_STAMP) ## Train with WORKERS local worker processes (default 2)
+	$(PY) scripts/multiworker.py --workers $(WORKERS) -- --output-dir $(OUTPUT_DIR) $(ARGS)
+
+test: $(VENV_STAMP) ## Run every test (slow ones included; docker ones skip without an engine)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV_STAMP) ## Run the fast tests only
+	$(PY) -m pytest -m "not slow and not docker and not network" $(PYTEST_ARGS)
+
+lint: $(VENV_STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+tensorboard: $(VENV_STAMP) ## Serve outputs/ on http://localhost:6006
+	$(VENV)/bin/tensorboard --logdir $(OUTPUT_DIR) --host localhost --port 6006
+
+bench: $(VENV_STAMP) ## Benchmark the seed script against mnist-job (writes bench/)
+	$(PY) scripts/bench.py $(ARGS)
+
+lock: ## Regenerate requirements/*.txt from pyproject.toml (needs pip-tools)
+	scripts/lock.sh
+
+clean: ## Remove the venv, outputs and caches (not the MNIST cache)
+	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+-include docker/docker.mk

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from job.config import TrainConfig
+from tests.tiny import tiny_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_mnist()
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> TrainConfig:
+    """A config that trains in about a second on the tiny data."""
+    return TrainConfig(
+        epochs=2,
+        batch_size=32,
+        output_dir=tmp_path / "out",
+        data_dir=tmp_path / "no-data-needed",
+        num_images=3,
+        strategy="default",
+    )
+
+
+def run_tiny_job(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real CLI on tiny data in a subprocess (see tests/tiny_job.py)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "tiny_job.py"), *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (REQUIRE_DOCKER=1) a docker test that skips is a failure: CI must run it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("REQUIRE_DOCKER") == "1" and "docker" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"docker test skipped in CI, where it must run: {report.longrepr}"

@@ -1,0 +1,36 @@
+"""`mnist-job` as a subprocess, but trained on tiny data: the real CLI, signal
+handling and exit codes, with `job.data.load` swapped for the tiny dataset.
+
+Set TINY_JOB_WEIGHTS=<file.npz> to dump the final weights (of any worker, also
+non-chief ones) to a path outside the output dir, for tests that compare them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from job import cli, data, runner  # noqa: E402
+from tests.tiny import tiny_mnist  # noqa: E402
+
+data.load = lambda data_dir, **kwargs: tiny_mnist(
+    n_train=int(os.environ.get("TINY_JOB_TRAIN", "320"))
+)
+
+weights_path = os.environ.get("TINY_JOB_WEIGHTS")
+if weights_path:
+    real_run = runner.run
+
+    def run_and_dump(config, **kwargs):
+        result = real_run(config, **kwargs)
+        np.savez(weights_path, *result.model.get_weights())
+        return result
+
+    runner.run = run_and_dump
+
+if __name__ == "__main__":
+    cli.main()
