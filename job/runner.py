@@ -158,7 +158,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     }
     if is_chief:
         artifacts_started = time.perf_counter()
-        _write_artifacts(config, model, mnist, final, summaries, len(state.history))
+        _write_artifacts(config, model, optimizer, mnist, final, summaries, len(state.history))
         metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
         metrics["timings"]["total_seconds"] = time.perf_counter() - started
         # Last, so that its presence means the run finished.
@@ -226,7 +226,7 @@ def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int):
     return state
 
 
-def _write_artifacts(config, model, mnist, final, summaries, epochs_done: int) -> None:
+def _write_artifacts(config, model, optimizer, mnist, final, summaries, epochs_done: int) -> None:
     from job.model import build_model, compile_for_users
     from job.plots import predictions_panel
 
@@ -235,6 +235,11 @@ def _write_artifacts(config, model, mnist, final, summaries, epochs_done: int) -
     saved = build_model(config.hidden_units)
     saved.set_weights(model.get_weights())
     compile_for_users(saved, config.learning_rate)
+    # With the optimizer's state too, so that fine-tuning the loaded model
+    # continues Adam where training left it.
+    saved.optimizer.build(saved.trainable_variables)
+    for target, source in zip(saved.optimizer.variables, optimizer.variables, strict=True):
+        target.assign(source)
     artifacts.save_keras_model(saved, config.model_path)
     artifacts.export_saved_model(saved, config.saved_model_path)
 

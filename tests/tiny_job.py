@@ -14,8 +14,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from job import cli, data, runner  # noqa: E402
-from tests.tiny import tiny_mnist  # noqa: E402
+from job import cli, data, runner
+from tests.tiny import tiny_mnist
 
 data.load = lambda data_dir, **kwargs: tiny_mnist(
     n_train=int(os.environ.get("TINY_JOB_TRAIN", "320"))

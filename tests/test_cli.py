@@ -1,0 +1,94 @@
+"""The command line as users and Kubernetes meet it: help, validation, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from job.cli import _apply_platform_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mnist_job(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_help_is_fast_and_does_not_import_tensorflow():
+    code = (
+        "import sys, time; t = time.perf_counter(); from job.cli import main; "
+        "sys.argv = ['mnist-job', '--help']\n"
+        "try: main()\n"
+        "except SystemExit: pass\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+        "print('seconds', time.perf_counter() - t, file=sys.stderr)"
+    )
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Exit codes" in result.stdout and "train" in result.stdout
+    # Generous bound for a loaded CI machine; it answers in ~0.1 s here.
+    assert time.perf_counter() - started < 5
+
+
+def test_train_help_documents_every_option_with_env_var_and_exit_codes():
+    result = mnist_job("train", "--help")
+    assert result.returncode == 0
+    for option in ("--epochs", "--batch-size", "--learning-rate", "--hidden-units", "--seed",
+                   "--output-dir", "--data-dir", "--max-train-samples", "--num-images",
+                   "--overwrite", "--verbose", "--strategy", "--device", "--checkpoint-every",
+                   "--deterministic"):  # fmt: skip
+        assert option in result.stdout, option
+    assert "MNIST_JOB_EPOCHS" in result.stdout
+    assert "143" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        (["--epochs", "0"], {}, "--epochs"),
+        (["--batch-size", "x"], {}, "--batch-size"),
+        (["--batch-size", "-1"], {}, "--batch-size"),
+        (["--hidden-units", "abc"], {}, "--hidden-units"),
+        (["--hidden-units", "128,0"], {}, "--hidden-units"),
+        (["--learning-rate", "-1"], {}, "--learning-rate"),
+        (["--strategy", "bogus"], {}, "multi-worker"),  # the error lists valid names
+        (["--no-such-option"], {}, "--no-such-option"),
+        ([], {"MNIST_JOB_EPOCHS": "0"}, "epochs"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, env, names):
+    result = mnist_job("train", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert names in lines[0]
+
+
+def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
+    environ = {
+        "AIP_MODEL_DIR": str(tmp_path / "model"),
+        "AIP_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        "AIP_TENSORBOARD_LOG_DIR": "gs://bucket/logs",  # a URI is not a local path
+        "SM_CHANNEL_TRAINING": str(tmp_path / "data"),
+        "SM_OUTPUT_DATA_DIR": str(tmp_path / "sm-out"),
+    }
+    options = _apply_platform_env({"model_dir": None, "output_dir": Path("flag")}, environ)
+    assert options["model_dir"] == tmp_path / "model"
+    assert options["checkpoint_dir"] == tmp_path / "ckpt"
+    assert "tensorboard_dir" not in options
+    assert options["data_dir"] == tmp_path / "data"
+    assert options["output_dir"] == Path("flag")  # the flag wins over SM_OUTPUT_DATA_DIR

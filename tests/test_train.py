@@ -1,0 +1,189 @@
+"""End to end on tiny data: every artifact a user relies on, and the guards."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from job.errors import ConfigError
+from job.runner import run
+
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from every event file in a TensorBoard run dir."""
+    found: dict[str, list] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    number = float(tf.make_ndarray(value.tensor))
+                    found.setdefault(value.tag, []).append((event.step, number))
+    return found
+
+
+def image_tags(log_dir) -> set[str]:
+    tags = set()
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    tags.add(value.tag)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny):
+    from job.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    config = TrainConfig(epochs=2, output_dir=out, num_images=3, strategy="default")
+    return config, run(config, datasets=tiny), tiny
+
+
+def test_writes_every_artifact(finished_run):
+    config, _, _ = finished_run
+    out = config.output_dir
+    for name in ("model.keras", "saved_model", "tensorboard", "predictions.png", "metrics.json"):
+        assert (out / name).exists(), name
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_model_keras_reloads_and_predicts_the_same(finished_run):
+    config, result, tiny = finished_run
+    images = tiny.x_test.astype(np.float32) / 255.0
+    reloaded = keras.models.load_model(config.output_dir / "model.keras")
+    np.testing.assert_allclose(
+        reloaded.predict(images, verbose=0), result.model.predict(images, verbose=0), atol=1e-6
+    )
+    # Compiled as the seed compiled it, so users can evaluate straight away.
+    _, accuracy = reloaded.evaluate(images, tiny.y_test, verbose=0)
+    assert accuracy == pytest.approx(result.metrics["test"]["accuracy"], abs=1e-6)
+
+
+def test_saved_model_serves_class_probabilities(finished_run):
+    config, result, tiny = finished_run
+    images = tiny.x_test[:7].astype(np.float32) / 255.0
+    serving = tf.saved_model.load(str(config.output_dir / "saved_model"))
+    probabilities = serving.serve(tf.constant(images)).numpy()
+    assert probabilities.shape == (7, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probabilities, result.model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_tensorboard_has_per_epoch_scalars_and_the_prediction_panel(finished_run):
+    config, _, _ = finished_run
+    logs = config.output_dir / "tensorboard"
+    for run_name in ("train", "validation"):
+        found = scalars(logs / run_name)
+        for tag in ("epoch_loss", "epoch_accuracy"):
+            assert [step for step, _ in found[tag]] == [1, 2], (run_name, tag)
+    assert "predictions" in image_tags(logs / "validation")
+
+
+def test_predictions_png_has_one_panel_per_image(finished_run):
+    config, _, _ = finished_run
+    with Image.open(config.output_dir / "predictions.png") as image:
+        assert image.format == "PNG"
+        assert image.size == (600, 400)  # 2 inches a panel at 100 dpi, 3 panels
+
+
+def test_metrics_json_records_the_run(finished_run):
+    config, result, _ = finished_run
+    metrics = json.loads((config.output_dir / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 2
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2]
+    assert set(metrics["history"][0]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert metrics["test"]["accuracy"] == result.metrics["test"]["accuracy"]
+    assert metrics["test"]["accuracy"] > 0.5  # the tiny data is learnable
+    assert set(metrics["timings"]) >= {"data_seconds", "fit_seconds", "evaluate_seconds"}
+    assert metrics["throughput"]["train_images_per_second"] > 0
+    assert set(metrics["versions"]) >= {"python", "tensorflow", "keras"}
+    assert metrics["devices"]["strategy"] == "default"
+
+
+def test_finished_run_is_not_overwritten_without_flag(finished_run, tiny):
+    config, _, _ = finished_run
+    before = (config.output_dir / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run(config, datasets=tiny)
+    assert (config.output_dir / "metrics.json").read_bytes() == before
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path, tiny, tiny_config):
+    run(tiny_config, datasets=tiny)
+    again = run(tiny_config.replace(overwrite=True, epochs=1), datasets=tiny)
+    metrics = json.loads((tiny_config.output_dir / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 == len(again.metrics["history"])
+    # The old run's logs are gone, not mixed into the new run's.
+    found = scalars(tiny_config.output_dir / "tensorboard" / "train")
+    assert [step for step, _ in found["epoch_loss"]] == [1]
+
+
+def test_unwritable_output_dir_is_a_config_error(tmp_path, tiny, tiny_config):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="not writable"):
+        run(tiny_config.replace(output_dir=blocker / "out"), datasets=tiny)
+
+
+def test_resumes_from_checkpoint_without_retraining(tmp_path, tiny, tiny_config):
+    first = run(tiny_config.replace(epochs=1), datasets=tiny)
+    # Pretend that run was cut short after its first epoch: no metrics.json.
+    (tiny_config.output_dir / "metrics.json").unlink()
+    resumed = run(tiny_config.replace(epochs=3), datasets=tiny)
+    assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
+    assert resumed.metrics["history"][0] == first.metrics["history"][0]
+    assert [record["epoch"] for record in resumed.metrics["history"]] == [1, 2, 3]
+    found = scalars(tiny_config.output_dir / "tensorboard" / "train")
+    assert [step for step, _ in found["epoch_loss"]] == [1, 2, 3]
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny, tiny_config):
+    run(tiny_config.replace(epochs=1), datasets=tiny)
+    (tiny_config.output_dir / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match="batch_size"):
+        run(tiny_config.replace(batch_size=16), datasets=tiny)
+
+
+def test_seeded_deterministic_runs_are_bit_identical(tmp_path, tiny, tiny_config):
+    config = tiny_config.replace(deterministic=True, seed=7)
+    a = run(config.replace(output_dir=tmp_path / "a"), datasets=tiny)
+    b = run(config.replace(output_dir=tmp_path / "b"), datasets=tiny)
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert a.metrics["history"] == [
+        {**r, "seconds": a.metrics["history"][i]["seconds"],
+         "images_per_second": a.metrics["history"][i]["images_per_second"]}
+        for i, r in enumerate(b.metrics["history"])
+    ]  # fmt: skip
+    assert a.metrics["test"] == b.metrics["test"]
+
+
+def test_max_train_samples_limits_the_steps(tmp_path, tiny, tiny_config):
+    result = run(tiny_config.replace(max_train_samples=64, epochs=1), datasets=tiny)
+    assert result.metrics["config"]["max_train_samples"] == 64
+    assert result.metrics["throughput"]["train_images_per_second"] > 0
+
+
+def test_checkpoint_every_writes_mid_epoch_checkpoints(tmp_path, tiny, tiny_config):
+    from job import checkpoint
+
+    saved = []
+    real_save = checkpoint.save
+
+    def spy(path, weights, optimizer_values, state):
+        saved.append((state.epoch, state.step))
+        real_save(path, weights, optimizer_values, state)
+
+    checkpoint.save = spy
+    try:
+        run(tiny_config.replace(epochs=1, checkpoint_every=4), datasets=tiny)
+    finally:
+        checkpoint.save = real_save
+    # 320 images / 32 = 10 steps: checkpoints at steps 4 and 8, then the epoch end.
+    assert saved == [(0, 4), (0, 8), (1, 0)]
