@@ -82,6 +82,8 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         jit_compile=placement.compiles_with_xla,
     )
     state = _restore(config, model, optimizer, steps_per_epoch, train.size)
+    if placement.cluster.num_workers > 1:
+        _check_workers_agree(placement.strategy, state.global_step, tf)
     start_step = state.global_step
     resumed_at = (state.epoch, state.step) if start_step else None
 
@@ -224,6 +226,23 @@ def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int):
         state.global_step,
     )
     return state
+
+
+def _check_workers_agree(strategy, global_step: int, tf) -> None:
+    """Every worker must resume from the same checkpoint: they all read the
+    chief's, so the output dir must be one volume shared by all workers."""
+
+    @tf.function
+    def total_step():
+        return strategy.reduce(
+            "SUM", strategy.run(lambda: tf.constant(global_step, tf.int64)), axis=None
+        )
+
+    if int(total_step()) != global_step * strategy.num_replicas_in_sync:
+        raise ConfigError(
+            f"workers disagree on where to resume (this one: step {global_step}); "
+            "all workers must mount the same output dir"
+        )
 
 
 def _write_artifacts(config, model, optimizer, mnist, final, summaries, epochs_done: int) -> None:

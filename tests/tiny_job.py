@@ -1,12 +1,14 @@
 """`mnist-job` as a subprocess, but trained on tiny data: the real CLI, signal
 handling and exit codes, with `job.data.load` swapped for the tiny dataset.
 
-Set TINY_JOB_WEIGHTS=<file.npz> to dump the final weights (of any worker, also
-non-chief ones) to a path outside the output dir, for tests that compare them.
+Set TINY_JOB_WEIGHTS=<file-{index}.npz> to dump the final weights of every
+worker (non-chief ones too; {index} is the worker's TF_CONFIG index) to a path
+outside the output dir, for tests that compare them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -27,7 +29,8 @@ if weights_path:
 
     def run_and_dump(config, **kwargs):
         result = real_run(config, **kwargs)
-        np.savez(weights_path, *result.model.get_weights())
+        task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+        np.savez(weights_path.format(index=task.get("index", 0)), *result.model.get_weights())
         return result
 
     runner.run = run_and_dump

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Run `mnist-job train` as N worker processes on this machine.
+
+Each worker gets a TF_CONFIG naming all N on 127.0.0.1 with free ports, as
+Kubeflow or Vertex AI would set it; worker 0 is the chief and the only one
+that writes to the output dir. Exits with the first non-zero worker exit code.
+
+    python scripts/multiworker.py --workers 2 -- --epochs 1 --output-dir outputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--command",
+        default=f"{sys.executable} -m job",
+        help="how to start the job (tests substitute a tiny-data wrapper)",
+    )
+    parser.add_argument("train_args", nargs="*", help="options for `mnist-job train`")
+    args = parser.parse_args()
+
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(args.workers)]}
+    workers = []
+    for index in range(args.workers):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
+        command = [*args.command.split(), "train", "--strategy", "multi-worker", *args.train_args]
+        workers.append(subprocess.Popen(command, env=env))
+
+    # Pass SIGTERM/SIGINT on, so stopping the runner checkpoints like a pod eviction.
+    def forward(signum, frame):
+        for worker in workers:
+            worker.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [worker.wait() for worker in workers]
+    return next((code for code in codes if code), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
