@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Benchmark: the seed script as written vs `mnist-job train`, same data, same machine.
+
+Each run is a separate whole process; the variants are interleaved so drift in
+the machine's speed hits both alike. Per variant it reports the median of the
+training loop time, whole-process wall time, peak RSS, training images/s and
+test accuracy, and the ratios seed / mnist-job. Then throughput at several
+batch sizes and with 1 vs 2 local workers.
+
+    python scripts/bench.py                 # the full benchmark, into bench/
+    python scripts/bench.py --smoke --out /tmp/bench   # 1 epoch, CI's check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def timed(command: list[str], **kwargs) -> tuple[float, float, str]:
+    """Run a whole process; return (wall seconds, peak RSS in MB, its stdout)."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, **kwargs)
+        # wait4 gives this child's own rusage: its peak RSS, not other children's.
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        if process.returncode:
+            sys.exit(f"bench: {' '.join(command)} failed:\n{stderr.read()[-3000:]}")
+        return wall, usage.ru_maxrss / 1024, stdout.read()
+
+
+def run_seed(npz: Path, work: Path, epochs: int) -> dict:
+    wall, rss, stdout = timed(
+        [PYTHON, str(ROOT / "scripts" / "seed_baseline.py"), str(npz), str(work / "seed.png"),
+         str(epochs)],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )  # fmt: skip
+    report = json.loads(stdout.strip().splitlines()[-1])
+    return {
+        "fit_seconds": report["fit_seconds"],
+        "wall_seconds": wall,
+        "peak_rss_mb": rss,
+        "images_per_second": report["train_images"] / report["fit_seconds"],
+        "test_accuracy": report["test_accuracy"],
+    }
+
+
+def run_job(data_dir: Path, out: Path, *options: str) -> dict:
+    wall, rss, _ = timed(
+        [PYTHON, "-m", "job", "train", "--quiet", "--data-dir", str(data_dir),
+         "--output-dir", str(out), "--overwrite", *options],
+        cwd=ROOT,
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {
+        "fit_seconds": metrics["timings"]["fit_seconds"],
+        "wall_seconds": wall,
+        "peak_rss_mb": rss,
+        "images_per_second": metrics["throughput"]["train_images_per_second"],
+        "test_accuracy": metrics["test"]["accuracy"],
+    }
+
+
+def run_workers(data_dir: Path, out: Path, workers: int) -> float:
+    command = [PYTHON, str(ROOT / "scripts" / "multiworker.py"), "--workers", str(workers),
+               "--", "--quiet", "--epochs", "1", "--data-dir", str(data_dir),
+               "--output-dir", str(out), "--overwrite"]  # fmt: skip
+    timed(command, cwd=ROOT)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics["throughput"]["train_images_per_second"]
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "")
+    memory_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    import importlib.metadata as md
+
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(memory_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "tensorflow": md.version("tensorflow-cpu"),
+        "gpu": "none",
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed, job = results["seed"]["median"], results["mnist_job"]["median"]
+    panels = [
+        ("Training loop (s)", "fit_seconds"),
+        ("Whole process (s)", "wall_seconds"),
+        ("Peak RSS (MB)", "peak_rss_mb"),
+    ]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(14, 3.6))
+    for ax, (title, key) in zip(axes, panels, strict=False):
+        bars = ax.bar(["seed", "mnist-job"], [seed[key], job[key]], color=["#999", "#1f77b4"])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_title(f"{title}\n{seed[key] / job[key]:.1f}x less")
+    scaling = results["batch_scaling"]
+    ax = axes[-1]
+    ax.bar([str(b) for b in scaling], [v / 1000 for v in scaling.values()], color="#1f77b4")
+    ax.set_title("mnist-job throughput\nby batch size (k images/s)")
+    fig.suptitle(f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+SMALLER_IS_BETTER = ("fit_seconds", "wall_seconds", "peak_rss_mb")
+
+
+def table(results: dict) -> str:
+    seed, job = results["seed"]["median"], results["mnist_job"]["median"]
+    rows = [
+        ("training loop", "fit_seconds", "{:.2f} s"),
+        ("whole process", "wall_seconds", "{:.2f} s"),
+        ("peak RSS", "peak_rss_mb", "{:.0f} MB"),
+        ("images/s", "images_per_second", "{:,.0f}"),
+        ("test accuracy", "test_accuracy", "{:.4f}"),
+    ]
+    lines = ["| | seed | mnist-job | mnist-job is |", "|---|---|---|---|"]
+    for name, key, fmt in rows:
+        # Times and memory: lower is better; images/s and accuracy: higher is.
+        ratio = seed[key] / job[key] if key in SMALLER_IS_BETTER else job[key] / seed[key]
+        lines.append(
+            f"| {name} | {fmt.format(seed[key])} | {fmt.format(job[key])} | {ratio:.2f}x |"
+        )
+    scaling = ", ".join(f"{b}: {v:,.0f}" for b, v in results["batch_scaling"].items())
+    lines.append(f"\nimages/s by batch size (1 epoch): {scaling}")
+    workers = ", ".join(f"{w}: {v:,.0f}" for w, v in results["workers"].items())
+    lines.append(f"images/s by local workers (1 epoch, batch 32): {workers}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="1 epoch, 1 repeat: checks it runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.epochs = 1, 1
+    batch_sizes = [2048] if args.smoke else [32, 128, 512, 2048]
+
+    fetch = [PYTHON, "-m", "job", "data", "fetch"]
+    if args.data_dir:
+        fetch += ["--data-dir", str(args.data_dir)]
+    npz = Path(subprocess.check_output(fetch, cwd=ROOT, text=True).strip().splitlines()[-1])
+    data_dir = npz.parent
+
+    results: dict = {"machine": machine(), "epochs": args.epochs, "batch_size": 32}
+    seed_runs, job_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
+        work = Path(tmp)
+        for repeat in range(args.repeats):
+            seed_runs.append(run_seed(npz, work, args.epochs))
+            job_runs.append(run_job(data_dir, work / "job", "--epochs", str(args.epochs)))
+            seed_fit, job_fit = seed_runs[-1]["fit_seconds"], job_runs[-1]["fit_seconds"]
+            print(f"repeat {repeat + 1}/{args.repeats}: training loop seed {seed_fit:.2f} s, "
+                  f"mnist-job {job_fit:.2f} s", flush=True)  # fmt: skip
+        results["seed"] = {"runs": seed_runs, "median": summarize(seed_runs)}
+        results["mnist_job"] = {"runs": job_runs, "median": summarize(job_runs)}
+        results["ratios"] = {
+            key: results["seed"]["median"][key] / results["mnist_job"]["median"][key]
+            for key in SMALLER_IS_BETTER
+        }
+        results["batch_scaling"] = {
+            batch: run_job(data_dir, work / "job", "--epochs", "1", "--batch-size", str(batch))[
+                "images_per_second"
+            ]
+            for batch in batch_sizes
+        }
+        results["workers"] = {n: run_workers(data_dir, work / f"workers-{n}", n) for n in (1, 2)}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, args.out / "results.png")
+    print(table(results))
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
