@@ -1,0 +1,37 @@
+"""`make bench` must not rot: CI runs a 1-epoch smoke of it (not a timing test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
+
+
+def test_bench_smoke_writes_results_and_chart(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| training loop |" in result.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    for variant in ("seed", "mnist_job"):
+        median = results[variant]["median"]
+        assert set(median) == {
+            "fit_seconds", "wall_seconds", "peak_rss_mb", "images_per_second", "test_accuracy",
+        }  # fmt: skip
+        assert median["test_accuracy"] > 0.9  # one epoch of real MNIST
+    assert set(results["ratios"]) == {"fit_seconds", "wall_seconds", "peak_rss_mb"}
+    assert set(results["workers"]) == {"1", "2"}
+    with Image.open(tmp_path / "results.png") as chart:
+        assert chart.format == "PNG"
