@@ -1,0 +1,565 @@
+"""The Kubernetes manifests in k8s/: valid for the API server, consistent with
+the job they run, and working when a kubelet runs them.
+
+No cluster here: the schemas come from kubernetes-validate, and the docker
+tests run each pod template with docker as a kubelet would (tests/kubelet.py).
+The docker tests shrink the runs through the same MNIST_JOB_* variables the
+manifests use (MNIST_JOB_EPOCHS=1, MNIST_JOB_MAX_TRAIN_SAMPLES=2000) to stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import kubernetes_validate
+import pytest
+
+from job.cli import _apply_platform_env, train
+from job.config import TrainConfig
+from job.errors import ExitCode
+from job.strategy import resolve_cluster
+from tests import kubelet
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+JOB_FILES = ["job.yaml", "job-gpu.yaml", "multi-worker.yaml"]
+# Oldest with podFailurePolicy GA (1.31) and the newest the validator knows.
+KUBERNETES_VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
+ARTIFACTS = [
+    "model.keras",
+    "saved_model/saved_model.pb",
+    "predictions.png",
+    "metrics.json",
+    "checkpoints/latest.npz",
+    "tensorboard/train",
+    "tensorboard/validation",
+]
+SMALL_RUN = {"MNIST_JOB_EPOCHS": "1", "MNIST_JOB_MAX_TRAIN_SAMPLES": "2000"}
+
+
+def objects(name: str) -> list[dict]:
+    return kubelet.load(K8S / name)
+
+
+def job_of(name: str) -> dict:
+    return kubelet.find(objects(name), "Job")
+
+
+def trainer(workload: dict) -> dict:
+    return next(c for c in kubelet.pod_template(workload)["containers"] if c["name"] == "mnist-job")
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {var["name"]: var["value"] for var in container.get("env", [])}
+
+
+def all_workloads():
+    for name in (p.name for p in MANIFESTS):
+        for obj in objects(name):
+            if obj["kind"] in ("Job", "Deployment"):
+                yield name, obj
+
+
+# -- schemas and lint -------------------------------------------------------------
+
+
+def test_the_manifests_are_the_expected_ones():
+    assert {p.name for p in MANIFESTS} >= {*JOB_FILES, "tensorboard.yaml"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_matches_the_kubernetes_schemas(path, version):
+    docs = kubelet.load(path)
+    assert docs
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {err.message}")
+
+
+def test_manifests_pass_yamllint():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yamllint",
+            "--strict",
+            "--format",
+            "parsable",
+            *map(str, MANIFESTS),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", [p.name for p in MANIFESTS])
+def test_each_file_stands_alone(name):
+    """`kubectl apply -f` on one file: every claim a Job mounts is in the
+    same file (TensorBoard reads the claim of k8s/job.yaml, documented)."""
+    defined = {o["metadata"]["name"] for o in objects(name) if o["kind"] == "PersistentVolumeClaim"}
+    everywhere = {
+        o["metadata"]["name"]
+        for p in MANIFESTS
+        for o in kubelet.load(p)
+        if o["kind"] == "PersistentVolumeClaim"
+    }
+    for obj in objects(name):
+        if obj["kind"] not in ("Job", "Deployment"):
+            continue
+        for volume in kubelet.pod_template(obj).get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim is None:
+                continue
+            if obj["kind"] == "Job":
+                assert claim in defined, f"{name}: {claim} is not defined in the same file"
+            else:
+                assert claim in everywhere, f"{name}: no manifest defines {claim}"
+
+
+# -- consistency with the job -------------------------------------------------------
+
+
+def parse_train(container: dict, monkeypatch, extra_env: dict | None = None) -> TrainConfig:
+    """Parse the container's args and env with the real CLI, as the image's
+    `mnist-job` entrypoint would; the TrainConfig that `train` would run."""
+    for key in list(os.environ):
+        if key.startswith("MNIST_JOB_"):
+            monkeypatch.delenv(key)
+    for key, value in {**env_of(container), **(extra_env or {})}.items():
+        monkeypatch.setenv(key, value)
+    args = container.get("args", ["train"])
+    assert "command" not in container, "the Jobs use the image's entrypoint, mnist-job"
+    assert args[0] == "train"
+    try:
+        ctx = train.make_context("mnist-job train", list(args[1:]))
+    except click.ClickException as err:
+        pytest.fail(f"{container['name']}: the CLI rejects the manifest: {err.format_message()}")
+    options = {k: v for k, v in ctx.params.items() if k not in ("verbose", "sagemaker_model_dir")}
+    return TrainConfig(**_apply_platform_env(options, {}))
+
+
+@pytest.mark.parametrize("name", JOB_FILES)
+def test_env_vars_are_real_options_and_parse(name, monkeypatch):
+    container = trainer(job_of(name))
+    known = {param.envvar for param in train.params if isinstance(param, click.Option)}
+    for var in env_of(container):
+        if var.startswith("MNIST_JOB_"):
+            assert var in known, f"{name}: {var} is not an option of mnist-job train"
+    config = parse_train(container, monkeypatch)
+    env = env_of(container)
+    assert str(config.output_dir) == env["MNIST_JOB_OUTPUT_DIR"]
+    assert config.epochs == int(env["MNIST_JOB_EPOCHS"])
+
+
+def test_a_mistyped_env_value_would_be_caught(monkeypatch):
+    """The parse above fails for a value the job would reject."""
+    container = trainer(job_of("job.yaml"))
+    container["env"].append({"name": "MNIST_JOB_DEVICE", "value": "tpu"})
+    with pytest.raises(pytest.fail.Exception, match="tpu"):
+        parse_train(container, monkeypatch)
+
+
+@pytest.mark.parametrize("name", JOB_FILES)
+def test_output_volume_is_mounted_at_the_output_dir(name, monkeypatch):
+    job = job_of(name)
+    container = trainer(job)
+    config = parse_train(container, monkeypatch)
+    spec = kubelet.pod_template(job)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert "persistentVolumeClaim" in mounts[str(config.output_dir)]
+    assert "emptyDir" in mounts["/tmp"], "HOME and the caches live in /tmp (read-only root)"
+
+
+@pytest.mark.parametrize("name", JOB_FILES)
+def test_pod_failure_policy_uses_the_documented_exit_codes(name):
+    job = job_of(name)
+    container = trainer(job)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    documented = {int(code) for code in ExitCode}
+    for rule in rules:
+        if "onExitCodes" in rule:
+            assert rule["onExitCodes"]["containerName"] == container["name"]
+            assert set(rule["onExitCodes"]["values"]) <= documented
+    # What the Job controller does with each of the job's exit codes.
+    expected = {
+        ExitCode.FAILURE: "Count",  # retried, counts against the backoff limit
+        ExitCode.USAGE: "FailJob",
+        ExitCode.DATA: "FailJob",
+        ExitCode.DEVICE: "FailJob",
+        ExitCode.TERMINATED: "Ignore",  # checkpoint written; the next pod resumes
+        137: "Count",  # OOM-killed, or killed after the grace period
+    }
+    for code, action in expected.items():
+        assert kubelet.failure_action(job, int(code), container="mnist-job") == action, code
+    # Preempted or evicted: never counted, whatever the exit code.
+    for code in (1, 137, 143):
+        assert kubelet.failure_action(job, code, ("DisruptionTarget",)) == "Ignore"
+    assert kubelet.failure_action(job, 0) is None
+
+
+@pytest.mark.parametrize("name", JOB_FILES)
+def test_jobs_retry_within_bounds(name):
+    spec = job_of(name)["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    assert spec.get("backoffLimit", 0) > 0 or spec.get("backoffLimitPerIndex", 0) > 0
+    assert spec["activeDeadlineSeconds"] > 0
+    assert spec["ttlSecondsAfterFinished"] > 0
+    # The SIGTERM checkpoint needs more than a moment.
+    assert pod["terminationGracePeriodSeconds"] >= 30
+
+
+def test_image_tags_are_the_ones_make_builds():
+    """docker/docker.mk builds $(IMAGE):<tags> with `$(call docker_build,<extra>,<tags>)`."""
+    makefile = (ROOT / "docker" / "docker.mk").read_text()
+    repository = re.search(r"^IMAGE \?= (\S+)", makefile, re.MULTILINE).group(1)
+    built = {
+        extra: tags.split()
+        for extra, tags in re.findall(r"\$\(call docker_build,(\w+),([^)]*)\)", makefile)
+    }
+    assert set(built) == {"cpu", "cuda"}
+    images = {
+        name: c["image"]
+        for name, workload in all_workloads()
+        for c in kubelet.pod_template(workload)["containers"]
+    }
+    for name, image in images.items():
+        image_repository, _, tag = image.rpartition(":")
+        assert image_repository == repository, f"{name}: {image}"
+        assert tag in built["cpu"] + built["cuda"], f"{name}: make builds no {image}"
+    assert images["job-gpu.yaml"] == f"{repository}:cuda"
+    assert images["job.yaml"] == f"{repository}:cpu"
+
+
+@pytest.mark.parametrize("name", [p.name for p in MANIFESTS])
+def test_pods_run_restricted(name):
+    """The restricted Pod Security Standard, plus a read-only root and the
+    image's uid:gid 1000 with fsGroup so the volume is writable."""
+    for obj in objects(name):
+        if obj["kind"] not in ("Job", "Deployment"):
+            continue
+        spec = kubelet.pod_template(obj)
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True
+        assert (pod_security["runAsUser"], pod_security["runAsGroup"]) == (1000, 1000)
+        assert pod_security["fsGroup"] == 1000
+        assert pod_security["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec.get("automountServiceAccountToken") is False
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["capabilities"]["drop"] == ["ALL"]
+            assert not security["capabilities"].get("add")
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"])
+
+
+@pytest.mark.parametrize("name", ["job.yaml", "multi-worker.yaml"])
+def test_cpu_jobs_are_guaranteed_qos(name):
+    """requests == limits: the last pods a node evicts under pressure."""
+    resources = trainer(job_of(name))["resources"]
+    for key in ("cpu", "memory"):
+        assert resources["requests"][key] == resources["limits"][key]
+
+
+def test_gpu_job_asks_for_a_gpu_and_insists_on_it(monkeypatch):
+    job = job_of("job-gpu.yaml")
+    container = trainer(job)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    tolerations = kubelet.pod_template(job)["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    # No GPU visible -> exit 4 -> FailJob, instead of training on the CPU.
+    assert parse_train(container, monkeypatch).device == "gpu"
+    assert kubelet.failure_action(job, ExitCode.DEVICE) == "FailJob"
+
+
+def test_multi_worker_cluster_matches_the_service(monkeypatch):
+    docs = objects("multi-worker.yaml")
+    service = kubelet.find(docs, "Service")
+    job = kubelet.find(docs, "Job")
+    spec, pod = job["spec"], kubelet.pod_template(job)
+    container = trainer(job)
+    config = parse_train(container, monkeypatch)
+
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == config.num_workers > 1
+    assert config.strategy in ("multi-worker", "auto")
+    # DNS: pods are <job>-<i>.<subdomain>; the subdomain is the headless Service.
+    assert service["spec"]["clusterIP"] == "None"
+    assert pod["subdomain"] == service["metadata"]["name"] == config.worker_service
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == config.worker_port
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container_ports[port["targetPort"]] == config.worker_port
+    # What each pod derives from its hostname and index: the cluster the
+    # Service names.
+    job_name = job["metadata"]["name"]
+    expected = [
+        f"{job_name}-{i}.{service['metadata']['name']}:{port['port']}"
+        for i in range(config.num_workers)
+    ]
+    for index in range(config.num_workers):
+        environ = {"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": f"{job_name}-{index}"}
+        cluster = resolve_cluster(config, environ)
+        assert cluster.spec == {"worker": expected}
+        assert cluster.task_index == index
+        assert cluster.is_chief == (index == 0)
+    # All workers read the chief's checkpoints: one volume for all of them.
+    claim = kubelet.find(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_multi_worker_failures_restart_the_group_not_loop():
+    spec = job_of("multi-worker.yaml")["spec"]
+    # One index out of retries fails the Job at once: the others cannot
+    # finish without it.
+    assert spec["backoffLimitPerIndex"] >= 1
+    assert spec["maxFailedIndexes"] == 0
+    # A replacement waits for the pod it replaces: one pod per hostname.
+    assert spec["podReplacementPolicy"] == "Failed"
+
+
+def test_tensorboard_serves_the_jobs_logs_read_only():
+    docs = objects("tensorboard.yaml")
+    deployment = kubelet.find(docs, "Deployment")
+    service = kubelet.find(docs, "Service")
+    spec = kubelet.pod_template(deployment)
+    (container,) = spec["containers"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    job = job_of("job.yaml")
+    job_env = env_of(trainer(job))
+    logdir = TrainConfig(output_dir=Path(job_env["MNIST_JOB_OUTPUT_DIR"])).tensorboard_path
+    assert container["command"] == ["tensorboard"]
+    assert f"--logdir={logdir}" in container["args"]
+    port = next(a for a in container["args"] if a.startswith("--port=")).split("=")[1]
+    assert {p["containerPort"] for p in container["ports"]} == {int(port)}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (outputs,) = [
+        m for m in container["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]
+    ]
+    assert outputs["readOnly"] is True
+    assert volumes[outputs["name"]]["persistentVolumeClaim"] == {
+        "claimName": kubelet.find(objects("job.yaml"), "PersistentVolumeClaim")["metadata"]["name"],
+        "readOnly": True,
+    }
+    assert logdir.is_relative_to(outputs["mountPath"])
+
+
+def test_kubelet_expands_variables_as_kubernetes_does():
+    env = {"A": "x", "B": "y"}
+    assert kubelet.expand("$(A)/$(B)", env) == "x/y"
+    assert kubelet.expand("$$(A)", env) == "$(A)"
+    assert kubelet.expand("$(C)", env) == "$(C)"
+
+
+def test_kubelet_quantities():
+    assert kubelet.cpu_cores("500m") == 0.5
+    assert kubelet.cpu_cores("2") == 2
+    assert kubelet.memory_bytes("1536Mi") == 1536 * 2**20
+    assert kubelet.memory_bytes("1G") == 10**9
+
+
+def test_kubelet_docker_run_mirrors_the_pod_spec(tmp_path):
+    """The docker run line carries every setting the tests rely on."""
+    job = job_of("job.yaml")
+    pod = kubelet.pod(job, {"mnist-job-outputs": tmp_path}, env={"MNIST_JOB_EPOCHS": "1"})
+    args = " ".join(pod.run_args)
+    for expected in (
+        "--user 1000:1000",
+        "--group-add 1000",
+        "--read-only",
+        "--security-opt no-new-privileges",
+        "--cap-drop ALL",
+        "--cpus 2",
+        f"--memory {1536 * 2**20}",
+        f"--volume {tmp_path}:/outputs",
+        "--tmpfs /tmp:",
+        "--network none",
+        "--env MNIST_JOB_EPOCHS=1",
+    ):
+        assert expected in args
+    assert pod.run_args[-2:] == [kubelet.image_for("mnist-job:cpu"), "train"]
+    assert pod.grace_seconds == kubelet.pod_template(job)["terminationGracePeriodSeconds"]
+
+    multi = job_of("multi-worker.yaml")
+    worker = kubelet.pod(multi, {"mnist-job-multi-outputs": tmp_path}, index=1, network="net")
+    args = " ".join(worker.run_args)
+    assert "--hostname mnist-job-multi-1 " in args
+    assert "--network-alias mnist-job-multi-1.mnist-job-multi-workers" in args
+    assert "--env JOB_COMPLETION_INDEX=1" in args
+
+
+# -- as a kubelet would run them (docker) -------------------------------------------
+
+
+def _docker_ready(*images: str) -> None:
+    """Skip (CI turns that into a failure) unless docker runs and has the images."""
+    if shutil.which(kubelet.DOCKER) is None:
+        pytest.skip("no docker client on PATH")
+    info = subprocess.run([kubelet.DOCKER, "info"], capture_output=True, text=True)
+    if info.returncode:
+        pytest.skip(f"no Docker engine answers (`docker info`: {info.stderr.strip()[:200]})")
+    for image in images:
+        image = kubelet.image_for(image)
+        found = subprocess.run(
+            [kubelet.DOCKER, "image", "inspect", image], capture_output=True, text=True
+        )
+        if found.returncode:
+            pytest.skip(f"image {image} is not built (make docker)")
+
+
+def _assert_artifacts(volume: Path) -> dict:
+    missing = [name for name in ARTIFACTS if not (volume / name).exists()]
+    assert not missing, f"missing on the volume: {missing}"
+    return json.loads((volume / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_volume(tmp_path_factory) -> Path:
+    """k8s/job.yaml run to completion as its pod, on a fresh volume."""
+    _docker_ready("mnist-job:cpu")
+    job = job_of("job.yaml")
+    volume = kubelet.prepare_volume(tmp_path_factory.mktemp("k8s") / "pvc", job)
+    pod = kubelet.pod(job, {"mnist-job-outputs": volume}, env=SMALL_RUN)
+    with kubelet.running(pod):
+        code = pod.wait(timeout=240)
+        assert code == 0, pod.logs()[-3000:]
+    return volume
+
+
+@pytest.mark.docker
+def test_job_pod_completes_with_artifacts_on_the_volume(finished_volume):
+    metrics = _assert_artifacts(finished_volume)
+    assert metrics["config"]["epochs"] == 1
+    assert metrics["config"]["output_dir"] == "/outputs"
+    assert metrics["test"]["accuracy"] > 0.5
+    # Written by the image's user through the fsGroup-owned volume.
+    assert (finished_volume / "model.keras").stat().st_uid == 1000
+    assert (finished_volume / "model.keras").stat().st_gid == 1000
+
+
+@pytest.mark.docker
+def test_tensorboard_pod_serves_the_jobs_logs(finished_volume):
+    _docker_ready("mnist-job:cpu")
+    deployment = kubelet.find(objects("tensorboard.yaml"), "Deployment")
+    pod = kubelet.pod(deployment, {"mnist-job-outputs": finished_volume})
+    # Probed from inside the pod, on its loopback: no host networking needed.
+    probe = (
+        "import urllib.request; "
+        "print(urllib.request.urlopen('http://127.0.0.1:6006/data/runs', timeout=5)"
+        ".read().decode())"
+    )
+    with kubelet.running(pod):
+        deadline = time.monotonic() + 90
+        while True:
+            result = pod.exec("python3", "-c", probe)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            assert pod.running(), pod.logs()[-3000:]
+            time.sleep(0.5)
+        assert result.returncode == 0, result.stderr[-2000:] + pod.logs()[-2000:]
+        assert set(json.loads(result.stdout)) >= {"train", "validation"}
+        # Read-only: the pod cannot touch the job's outputs.
+        assert pod.exec("touch", "/outputs/x").returncode != 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_preempted_pod_checkpoints_and_its_replacement_resumes(tmp_path):
+    """Eviction as a kubelet does it (SIGTERM, SIGKILL after the grace period)
+    mid-run; the replacement pod, same spec and volume, resumes and finishes.
+    All 60k images, 10 epochs, so that it is still training when stopped."""
+    _docker_ready("mnist-job:cpu")
+    job = job_of("job.yaml")
+    volume = kubelet.prepare_volume(tmp_path / "pvc", job)
+    env = {"MNIST_JOB_EPOCHS": "10"}
+    first = kubelet.pod(job, {"mnist-job-outputs": volume}, env=env)
+    with kubelet.running(first):
+        first.wait_for_log(r"epoch 1/10", timeout=180)
+        code = first.terminate()
+        log = first.logs()
+    assert code == ExitCode.TERMINATED, log[-3000:]
+    assert "stopped by SIGTERM" in log
+    assert (volume / "checkpoints" / "latest.npz").exists()
+    assert not (volume / "metrics.json").exists()
+    # Evicted pods carry DisruptionTarget; either way no retry is used up.
+    assert kubelet.failure_action(job, code) == "Ignore"
+
+    replacement = kubelet.pod(job, {"mnist-job-outputs": volume}, env=env)
+    with kubelet.running(replacement):
+        code = replacement.wait(timeout=240)
+        log = replacement.logs()
+    assert code == 0, log[-3000:]
+    resumed = re.search(r"Resuming from \S+: epoch (\d+), step (\d+)", log)
+    assert resumed, log[-3000:]
+    assert (int(resumed.group(1)), int(resumed.group(2))) > (1, 0)
+    metrics = _assert_artifacts(volume)
+    assert len(metrics["history"]) == 10
+    assert metrics["resumed_from"] is not None
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_indexed_job_workers_find_each_other_and_train(tmp_path):
+    """k8s/multi-worker.yaml: one container per completion index on a network
+    where each is <job>-<i>.<service>; all exit 0, the chief writes."""
+    _docker_ready("mnist-job:cpu")
+    job = job_of("multi-worker.yaml")
+    workers = job["spec"]["completions"]
+    volume = kubelet.prepare_volume(tmp_path / "pvc", job)
+    with kubelet.docker_network() as network:
+        pods = [
+            kubelet.pod(
+                job, {"mnist-job-multi-outputs": volume}, index=i, env=SMALL_RUN, network=network
+            )
+            for i in range(workers)
+        ]
+        with kubelet.running(*pods):
+            codes = [p.wait(timeout=300) for p in pods]
+            logs = [p.logs() for p in pods]
+    assert codes == [0] * workers, "\n\n".join(log[-2000:] for log in logs)
+    metrics = _assert_artifacts(volume)
+    assert metrics["devices"]["strategy"] == "multi-worker"
+    assert metrics["devices"]["workers"] == workers
+    assert "Wrote model" in logs[0]
+    assert all("Wrote model" not in log for log in logs[1:])
+    # Each found the others by the names the headless Service gives them.
+    service = job["spec"]["template"]["spec"]["subdomain"]
+    assert f"{job['metadata']['name']}-1.{service}:" in logs[0]
+
+
+@pytest.mark.docker
+def test_gpu_job_on_a_node_without_gpu_fails_the_job(tmp_path):
+    """The CUDA image where TensorFlow sees no GPU: exit 4 at once, and the
+    podFailurePolicy fails the Job rather than retrying or training on CPU."""
+    _docker_ready("mnist-job:cuda")
+    job = job_of("job-gpu.yaml")
+    volume = kubelet.prepare_volume(tmp_path / "pvc", job)
+    pod = kubelet.pod(job, {"mnist-job-gpu-outputs": volume}, env=SMALL_RUN)
+    with kubelet.running(pod):
+        code = pod.wait(timeout=180)
+        log = pod.logs()
+    assert code == ExitCode.DEVICE, log[-3000:]
+    assert "no GPU is visible" in log
+    assert kubelet.failure_action(job, code) == "FailJob"
+    assert not (volume / "checkpoints").exists()
