@@ -73,3 +73,39 @@ def ensure_writable_dir(path: Path, what: str) -> None:
             pass
     except OSError as err:
         raise ConfigError(f"{what} {path} is not writable: {err.strerror or err}") from None
+
+
+def model_file(path: Path) -> Path:
+    """A model.keras path, or an output dir holding one -> the model.keras path."""
+    path = Path(path)
+    return path / "model.keras" if path.is_dir() else path
+
+
+def load_model(path: Path):
+    """Load a model that `mnist-job train` saved (`path`: the file or its dir).
+
+    ConfigError (exit 2) if there is none or it is not a 28x28 -> 10 digits
+    Keras model. Checks the path before importing TensorFlow, so that a wrong
+    path fails at once.
+    """
+    target = model_file(path)
+    if not target.is_file():
+        raise ConfigError(
+            f"no model at {target}: pass --model a model.keras file or an output dir "
+            "of `mnist-job train`"
+        )
+    import keras
+
+    from job.model import IMAGE_SHAPE, NUM_CLASSES
+
+    try:
+        model = keras.saving.load_model(target, compile=False)
+    except Exception as err:  # Keras raises many types for a bad file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot load model {target}: {reason}") from None
+    if tuple(model.input_shape[1:]) != IMAGE_SHAPE or model.output_shape[-1] != NUM_CLASSES:
+        raise ConfigError(
+            f"model {target} maps {model.input_shape[1:]} to {model.output_shape[-1]} classes, "
+            f"not {IMAGE_SHAPE} images to {NUM_CLASSES} digits"
+        )
+    return model

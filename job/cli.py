@@ -6,6 +6,7 @@ Every option can also come from the environment as MNIST_JOB_<OPTION>.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ import click
 
 from job import __version__
 from job.config import DEFAULTS, DEVICES, LOG_FORMATS, STRATEGIES, TrainConfig
-from job.errors import ExitCode, JobError
+from job.errors import DataError, ExitCode, JobError
 
 log = logging.getLogger("job")
 
@@ -27,7 +28,7 @@ Exit codes:
   1    unexpected failure (a bug, out of memory): worth a retry
   2    usage or configuration error (bad option, unusable output dir,
        finished run without --overwrite): fix the command
-  3    MNIST unavailable or corrupt
+  3    MNIST unavailable or corrupt; predict: an image could not be read
   4    requested device unavailable (--device gpu without a GPU)
   143  stopped by SIGTERM after writing a checkpoint: rerun to resume
 """
@@ -80,6 +81,36 @@ data_dir_option = option(
 )
 
 
+output_dir_option = option(
+    "--output-dir",
+    type=PATH,
+    default=None,
+    help="Where artifacts go. [default: outputs]",
+    show_default=False,
+)
+num_workers_option = option(
+    "--num-workers",
+    type=POSITIVE,
+    default=DEFAULTS.num_workers,
+    help="Workers of a Kubernetes Indexed Job (cluster derived from the pod).",
+)
+worker_service_option = option(
+    "--worker-service",
+    default=None,
+    help="Headless Service (the pods' subdomain) of an Indexed Job's workers.",
+)
+worker_port_option = option(
+    "--worker-port", type=POSITIVE, default=DEFAULTS.worker_port, help="Workers' gRPC port."
+)
+model_option = option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=DEFAULTS.output_dir,
+    help="A model.keras file, or an output dir of `mnist-job train` holding one.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=EXIT_CODES_HELP,
@@ -93,6 +124,9 @@ def cli() -> None:
     Quick start:
       mnist-job train                       # the seed's 5 epochs, outputs/ here
       mnist-job train --epochs 1 --max-train-samples 2000 --output-dir /tmp/run
+      mnist-job predict --model outputs my_digit.jpg
+      mnist-job evaluate --model outputs    # confusion matrix, gallery of mistakes
+      mnist-job info                        # what the job sees here (pods, GPUs)
     """
 
 
@@ -117,13 +151,7 @@ def cli() -> None:
     default=DEFAULTS.deterministic,
     help="Turn on TensorFlow op determinism (bit-identical reruns).",
 )
-@option(
-    "--output-dir",
-    type=PATH,
-    default=None,
-    help="Where artifacts go. [default: outputs]",
-    show_default=False,
-)
+@output_dir_option
 @data_dir_option
 @option(
     "--max-train-samples",
@@ -158,18 +186,9 @@ def cli() -> None:
     "mirrored on several GPUs, one-device on one GPU, default on CPU.",
 )
 @option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device, help="Where to train.")
-@option(
-    "--num-workers",
-    type=POSITIVE,
-    default=DEFAULTS.num_workers,
-    help="Workers of a Kubernetes Indexed Job (cluster derived from the pod).",
-)
-@option(
-    "--worker-service",
-    default=None,
-    help="Headless Service (the pods' subdomain) of an Indexed Job's workers.",
-)
-@option("--worker-port", type=POSITIVE, default=DEFAULTS.worker_port, help="Workers' gRPC port.")
+@num_workers_option
+@worker_service_option
+@worker_port_option
 @option(
     "--model-dir",
     type=PATH,
@@ -219,6 +238,108 @@ def train(verbose, sagemaker_model_dir, **options) -> None:
     run(config)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@model_option
+@json_option
+@option(
+    "--save-preprocessed",
+    type=PATH,
+    default=None,
+    help="Also write the 28x28 images the model saw, as PNGs, to this dir.",
+    show_default=False,
+)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) -> None:
+    """Classify handwritten digits in image files, one digit per image.
+
+    PNG, JPEG or BMP of any size, grey or colour, dark ink on light paper or
+    light on dark, the digit anywhere: each image is prepared as MNIST was
+    (white on black, cropped to the ink, scaled into 20x20, centred by mass in
+    28x28). Prints one line per file: digit, probability, top 3.
+
+    A file that cannot be read gets a one-line error; the others are still
+    classified, and the exit code is then 3.
+    """
+    from job import artifacts
+    from job.predict import BadImage, predict_files
+
+    _configure_logging(1, "text")
+    if save_preprocessed is not None:
+        artifacts.ensure_writable_dir(save_preprocessed, "--save-preprocessed dir")
+    results = predict_files(artifacts.load_model(model), list(images), save_preprocessed)
+    failed = [r for r in results if isinstance(r, BadImage)]
+    for result in failed:
+        click.echo(f"mnist-job: error: {result}", err=True)
+    if as_json:
+        entries = [
+            {"file": str(path), "error": str(r).removeprefix(f"{path}: ")}
+            if isinstance(r, BadImage)
+            else r.to_dict()
+            for path, r in zip(images, results, strict=True)
+        ]
+        click.echo(json.dumps(entries, indent=2))
+    else:
+        for result in results:
+            if not isinstance(result, BadImage):
+                click.echo(result.line())
+    if failed:
+        raise DataError(f"{len(failed)} of {len(results)} images could not be read")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@model_option
+@data_dir_option
+@option(
+    "--output-dir",
+    type=PATH,
+    default=None,
+    help="Where confusion_matrix.png and misclassified.png go. [default: the model's dir]",
+    show_default=False,
+)
+@json_option
+def evaluate(model: Path, data_dir: Path | None, output_dir: Path | None, as_json: bool) -> None:
+    """Test-set loss and accuracy, per-digit precision and recall, and two
+    figures: confusion_matrix.png and misclassified.png (the most confident
+    mistakes, with true digit, prediction and probability)."""
+    from job.artifacts import model_file
+
+    _configure_logging(1, "text")
+    from job.evaluate import evaluate as evaluate_model
+
+    options = _apply_platform_env({"data_dir": data_dir}, os.environ)
+    report, paths = evaluate_model(
+        model,
+        options.get("data_dir", DEFAULTS.data_dir),
+        output_dir or model_file(model).parent,
+    )
+    if as_json:
+        result = {"model": str(model_file(model)), **report.to_dict()}
+        result["figures"] = {name: str(path) for name, path in paths.items()}
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(report.text())
+        click.echo("figures: " + ", ".join(str(p) for p in paths.values()))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@output_dir_option
+@data_dir_option
+@num_workers_option
+@worker_service_option
+@worker_port_option
+@json_option
+def info(as_json: bool, **options) -> None:
+    """What the job sees here: versions, CPUs and cgroup limit, GPUs, the
+    strategy `auto` would pick, the cluster from TF_CONFIG or the Indexed Job,
+    the MNIST cache and whether the output dir is writable. Changes nothing."""
+    from job import info as report
+
+    _configure_logging(1, "text")
+    config = TrainConfig(**_apply_platform_env(options, os.environ))
+    collected = report.collect(config)
+    click.echo(report.to_json(collected) if as_json else report.text(collected))
+
+
 @cli.group()
 def data() -> None:
     """Fetch or check the MNIST cache (the Docker build uses these)."""
@@ -259,13 +380,9 @@ def _apply_platform_env(options: dict, environ) -> dict:
 
 
 def _configure_logging(verbosity: int, log_format: str) -> None:
-    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    from job.logs import configure
+
+    configure(verbosity, log_format)
     if verbosity < 2:
         # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise here.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -150,9 +150,11 @@ class Trainer:
         on_checkpoint: Callable[[TrainState], None],
         on_epoch_end: Callable[[TrainState, dict], None],
         stop_requested: Callable[[], bool],
+        on_chunk_end: Callable[[TrainState, float], None] | None = None,
     ) -> bool:
         """Train until `epochs` are complete; False if stopped early (after a
-        checkpoint), True when done. `state` is updated in place."""
+        checkpoint), True when done. `state` is updated in place.
+        `on_chunk_end(state, mean_loss)` follows every compiled chunk of steps."""
         steps = state.steps_per_epoch
         chunk = checkpoint_every or steps
         while state.epoch < epochs:
@@ -165,11 +167,14 @@ class Trainer:
                 loss_sum, correct, stop_all = self.run_chunk(
                     train, order, state.step, stop, stop_requested()
                 )
+                chunk_steps = stop - state.step
                 state.step, state.loss_sum, state.correct = (
                     stop,
                     state.loss_sum + loss_sum,
                     state.correct + correct,
                 )
+                if on_chunk_end is not None:
+                    on_chunk_end(state, loss_sum / chunk_steps)
                 if stop_all:
                     on_checkpoint(state)
                     return False

@@ -26,3 +26,63 @@ def to_png(fig: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+CONFUSION_MATRIX_INCHES = (7, 6)  # at 100 dpi: 700x600 pixels
+GALLERY_INCHES = (8, 11)  # at 100 dpi: 800x1100 pixels
+GALLERY_COLUMNS = 5
+
+
+def confusion_matrix(confusion: np.ndarray, accuracy: float) -> bytes:
+    """Counts [true, predicted]; colour is the share of each true digit's row,
+    so the off-diagonal mistakes stay visible next to the large diagonal."""
+    fig = Figure(figsize=CONFUSION_MATRIX_INCHES, layout="constrained")
+    ax = fig.add_subplot()
+    rows = confusion.sum(axis=1, keepdims=True)
+    shares = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
+    shown = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, label="share of the true digit")
+    for (true, predicted), count in np.ndenumerate(confusion):
+        colour = "white" if shares[true, predicted] > 0.5 else "black"
+        ax.text(predicted, true, str(count), ha="center", va="center", color=colour, fontsize=8)
+    ticks = range(confusion.shape[0])
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix ({confusion.sum()} images, accuracy {accuracy:.2%})")
+    return to_png(fig)
+
+
+def misclassified_gallery(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    total: int,
+) -> bytes:
+    """Up to 5x5 mistakes, one panel each: true digit, prediction, its probability.
+
+    Drawn as one mosaic image with captions: 25 separate axes cost seconds.
+    """
+    columns, side, gap, caption = GALLERY_COLUMNS, 28, 4, 14  # in image pixels
+    cell_w, cell_h = side + gap, side + gap + caption
+    mosaic = np.full((columns * cell_h, columns * cell_w), np.nan)
+    fig = Figure(figsize=GALLERY_INCHES)
+    ax = fig.add_axes((0.01, 0.0, 0.98, 0.94))
+    ax.axis("off")
+    for i in range(min(len(images), columns * columns)):
+        top, left = (i // columns) * cell_h + caption, (i % columns) * cell_w + gap // 2
+        mosaic[top : top + side, left : left + side] = images[i]
+        ax.text(
+            left + side / 2,
+            top - 1,
+            f"true {labels[i]}, predicted {predicted[i]}\np = {confidence[i]:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=10,
+        )
+    ax.imshow(np.ma.masked_invalid(mosaic), cmap="gray", vmin=0, vmax=255)
+    shown = f", the {len(images)} most confident" if total else ""
+    fig.suptitle(f"Misclassified: {total}{shown}")
+    return to_png(fig)

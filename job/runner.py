@@ -20,6 +20,7 @@ import numpy as np
 from job import artifacts, checkpoint
 from job.config import TrainConfig
 from job.errors import ConfigError, Terminated
+from job.logs import Progress
 from job.strategy import resolve_cluster, setup
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     from job.summaries import Summaries
 
     summaries = Summaries(config.tensorboard_path if is_chief else None)
+    summaries.graph(model)
+    progress = Progress(log, config.epochs, steps_per_epoch, config.batch_size)
 
     def save_checkpoint(state: checkpoint.TrainState) -> None:
         if is_chief:
@@ -108,8 +111,16 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
             record["val_accuracy"],
             record["seconds"],
             record["images_per_second"],
+            extra={"event": "epoch", "epochs": config.epochs, **record},
         )
-        summaries.epoch(record)
+        summaries.epoch(record, learning_rate=float(optimizer.learning_rate))
+        progress.update(state.epoch, 0)
+
+    def end_of_chunk(state: checkpoint.TrainState, mean_loss: float) -> None:
+        summaries.chunk(state.global_step, mean_loss)
+        progress.update(state.epoch, state.step)
+
+    progress.update(state.epoch, state.step)
 
     fit_started = time.perf_counter()
     with _sigterm_flag() as stop_requested:
@@ -123,6 +134,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
             on_checkpoint=save_checkpoint,
             on_epoch_end=end_of_epoch,
             stop_requested=stop_requested,
+            on_chunk_end=end_of_chunk,
         )
     fit_seconds = time.perf_counter() - fit_started
     if not finished:
@@ -135,7 +147,12 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     evaluate_started = time.perf_counter()
     final = trainer.evaluate(test)
     evaluate_seconds = time.perf_counter() - evaluate_started
-    log.info("test loss %.4f, test accuracy %.4f", final.loss, final.accuracy)
+    log.info(
+        "test loss %.4f, test accuracy %.4f",
+        final.loss,
+        final.accuracy,
+        extra={"event": "test", "loss": final.loss, "accuracy": final.accuracy},
+    )
 
     trained_images = (config.epochs * steps_per_epoch - start_step) * config.batch_size
     metrics = {
@@ -163,9 +180,18 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         _write_artifacts(config, model, optimizer, mnist, final, summaries, len(state.history))
         metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
         metrics["timings"]["total_seconds"] = time.perf_counter() - started
+        summaries.hparams(
+            {**metrics["config"], **metrics["devices"], "train_images": train.size},
+            metrics["test"],
+            step=len(state.history),
+        )
         # Last, so that its presence means the run finished.
         artifacts.write_json(config.metrics_path, metrics)
-        log.info("Wrote model, logs, predictions and metrics to %s", config.output_dir)
+        log.info(
+            "Wrote model, logs, predictions and metrics to %s",
+            config.output_dir,
+            extra={"event": "end", "test": metrics["test"], "timings": metrics["timings"]},
+        )
     summaries.close()
     return RunResult(metrics, model)
 
@@ -246,6 +272,7 @@ def _check_workers_agree(strategy, global_step: int, tf) -> None:
 
 
 def _write_artifacts(config, model, optimizer, mnist, final, summaries, epochs_done: int) -> None:
+    from job.evaluate import figures
     from job.model import build_model, compile_for_users
     from job.plots import predictions_panel
 
@@ -271,6 +298,11 @@ def _write_artifacts(config, model, optimizer, mnist, final, summaries, epochs_d
         artifacts.write_bytes(config.output_dir / "predictions.png", png)
         summaries.image("predictions", png, step=epochs_done)
 
+    # From the final evaluation's probabilities: no second pass over the test set.
+    for name, png in figures(mnist.x_test, mnist.y_test, final.probabilities).items():
+        artifacts.write_bytes(config.output_dir / f"{name}.png", png)
+        summaries.image(name, png, step=epochs_done)
+
 
 def _versions(tf, keras) -> dict:
     import job
@@ -293,6 +325,14 @@ def _log_placement(placement, config: TrainConfig) -> None:
         config.batch_size,
         config.batch_size // placement.num_replicas,
         placement.cpu_threads,
+        extra={
+            "event": "start",
+            "strategy": placement.strategy_name,
+            "replicas": placement.num_replicas,
+            "gpus": placement.gpus,
+            "cpu_threads": placement.cpu_threads,
+            "config": config.to_dict(),
+        },
     )
 
 

@@ -1,0 +1,220 @@
+"""`mnist-job info`: what this job sees where it runs. The first thing to run in
+a pod that misbehaves: versions, CPUs and their cgroup limit, GPUs (and why
+TensorFlow may not see one), the strategy `auto` would pick, the cluster
+derived from TF_CONFIG or the Indexed Job, the MNIST cache, the output dir.
+
+Nothing here changes anything: no download, no directory created, no file
+left behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from job.config import TrainConfig
+from job.errors import JobError
+
+# Variables that decide what the job sees; shown when set.
+ENV_VARS = (
+    "TF_CONFIG",
+    "JOB_COMPLETION_INDEX",
+    "HOSTNAME",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "TF_XLA_FLAGS",
+    "TF_ENABLE_ONEDNN_OPTS",
+    "KERAS_HOME",
+    "MPLCONFIGDIR",
+    "HOME",
+)
+
+
+def collect(config: TrainConfig, environ=os.environ) -> dict:
+    """Everything `info` reports, as a JSON-ready dict."""
+    from job import __version__
+    from job.strategy import cpu_limit, cpu_threads
+
+    tensorflow = _tensorflow()
+    cluster = _cluster(config, environ)
+    strategy = None
+    if "error" not in cluster and "error" not in tensorflow:
+        from job.strategy import choose_strategy, resolve_cluster
+
+        strategy = choose_strategy(
+            "auto", resolve_cluster(config, environ), len(tensorflow["gpus"])
+        )
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "mnist_job": __version__,
+            **tensorflow.pop("versions", {}),
+        },
+        "tensorflow": tensorflow,
+        "cpus": {
+            "os_count": os.cpu_count(),
+            "usable": len(os.sched_getaffinity(0)),
+            "cgroup_limit": cpu_limit(),
+            "threads_used": cpu_threads(),
+        },
+        "nvidia_devices": sorted(glob.glob("/dev/nvidia[0-9]*")),
+        "strategy_auto": strategy,
+        "cluster": cluster,
+        "data": _data(config.data_dir),
+        "output_dir": _writable(config.output_dir),
+        "environment": {name: environ[name] for name in ENV_VARS if name in environ},
+    }
+
+
+def text(info: dict) -> str:
+    """The report for people: one `key: value` line each, grouped."""
+    tf = info["tensorflow"]
+    cpus = info["cpus"]
+    cluster = info["cluster"]
+    lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())]
+    if "error" in tf:
+        lines.append(f"tensorflow: cannot import: {tf['error']}")
+    else:
+        build = "CUDA build" if tf["cuda_build"] else "CPU-only build"
+        if tf["cuda_build"]:
+            build += f" (CUDA {tf['cuda_version']}, cuDNN {tf['cudnn_version']})"
+        lines.append(f"tensorflow: {build}")
+        lines.append("gpus: " + (", ".join(g["name"] for g in tf["gpus"]) or "none visible"))
+    lines.append(
+        f"cpus: {cpus['usable']} usable of {cpus['os_count']}, cgroup limit "
+        f"{cpus['cgroup_limit'] or 'none'}; TensorFlow gets {cpus['threads_used']} threads"
+    )
+    if info["nvidia_devices"]:
+        lines.append("nvidia devices: " + ", ".join(info["nvidia_devices"]))
+    lines.append(f"strategy (auto): {info['strategy_auto'] or 'unknown'}")
+    if "error" in cluster:
+        lines.append(f"cluster: error: {cluster['error']}")
+    elif cluster["source"] == "single":
+        lines.append("cluster: single worker (no TF_CONFIG, --num-workers 1)")
+    else:
+        lines.append(
+            f"cluster: {cluster['workers']} workers from {cluster['source']}, this is "
+            f"{cluster['task_type']} {cluster['task_index']} (chief: {cluster['is_chief']})"
+        )
+    data = info["data"]
+    lines.append(f"data: {data['status']} ({data['path']})" + _detail(data))
+    out = info["output_dir"]
+    writable = "writable" if out["writable"] else "NOT writable"
+    lines.append(f"output dir: {out['path']} {writable}" + _detail(out))
+    lines += [f"env {name}={value}" for name, value in info["environment"].items()]
+    lines += [f"hint: {hint}" for hint in hints(info)]
+    return "\n".join(lines)
+
+
+def hints(info: dict) -> list[str]:
+    """Likely causes of the commonest surprises."""
+    tf = info["tensorflow"]
+    found = []
+    if info["nvidia_devices"] and "error" not in tf and not tf["gpus"]:
+        if not tf["cuda_build"]:
+            found.append(
+                "an NVIDIA device is present but this TensorFlow is a CPU-only build "
+                "(use the CUDA image or install mnist-job[cuda])"
+            )
+        else:
+            found.append(
+                "an NVIDIA device is present but TensorFlow sees no GPU: check "
+                "CUDA_VISIBLE_DEVICES, the driver version, and the CUDA libraries on "
+                "LD_LIBRARY_PATH"
+            )
+    if not info["output_dir"]["writable"]:
+        found.append("train will fail: choose a writable --output-dir or mount a volume there")
+    return found
+
+
+def to_json(info: dict) -> str:
+    return json.dumps(info, indent=2, default=str)
+
+
+def _tensorflow() -> dict:
+    try:
+        import keras
+        import numpy
+        import tensorflow as tf
+    except Exception as err:  # a broken install is exactly what info must report
+        return {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
+    build = dict(tf.sysconfig.get_build_info())
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append(
+            {
+                "name": device.name,
+                "model": details.get("device_name"),
+                "compute_capability": details.get("compute_capability"),
+            }
+        )
+    return {
+        "versions": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": numpy.__version__,
+        },
+        "cuda_build": bool(build.get("is_cuda_build")),
+        "cuda_version": build.get("cuda_version"),
+        "cudnn_version": build.get("cudnn_version"),
+        "gpus": gpus,
+    }
+
+
+def _cluster(config: TrainConfig, environ) -> dict:
+    from job.strategy import resolve_cluster
+
+    try:
+        cluster = resolve_cluster(config, environ)
+    except JobError as err:
+        return {"error": str(err)}
+    return {
+        "source": cluster.source,
+        "workers": max(1, cluster.num_workers),
+        "task_type": cluster.task_type,
+        "task_index": cluster.task_index,
+        "is_chief": cluster.is_chief,
+        "spec": cluster.spec,
+    }
+
+
+def _data(data_dir: Path) -> dict:
+    from job.data import MNIST_FILENAME, verify
+
+    path = Path(data_dir) / MNIST_FILENAME
+    if not path.is_file():
+        return {"path": str(path), "status": "missing", "detail": "fetched on first use"}
+    try:
+        verify(data_dir)
+    except JobError as err:
+        return {"path": str(path), "status": "corrupt", "detail": str(err)}
+    return {"path": str(path), "status": "ok"}
+
+
+def _writable(path: Path) -> dict:
+    """Could `train` write there? Tries a temporary file in the directory, or
+    in its nearest existing parent if it does not exist yet (it creates none)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    result = {"path": str(path), "exists": path.is_dir()}
+    if not probe.is_dir():
+        return {**result, "writable": False, "detail": f"{probe} is not a directory"}
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return {**result, "writable": False, "detail": f"{probe}: {err.strerror or err}"}
+    if (path / "metrics.json").is_file():
+        result["detail"] = "holds a finished run: train needs --overwrite or another dir"
+    return {**result, "writable": True}
+
+
+def _detail(entry: dict) -> str:
+    return f": {entry['detail']}" if entry.get("detail") else ""
