@@ -1,0 +1,193 @@
+"""`mnist-job predict` on images people make: any size, place, polarity, colour
+mode and file format, prepared as MNIST was; unreadable files fail alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from job.artifacts import load_model
+from job.config import TrainConfig
+from job.data import Mnist
+from job.predict import BadImage, predict_files, preprocess, read_image
+from job.runner import run
+from tests.conftest import ROOT
+from tests.digits import dataset, render
+
+FORMATS = ("PNG", "JPEG", "BMP")
+
+
+def mnist_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ,
+        timeout=120,
+    )
+
+
+def preprocessed(pairs) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([preprocess(image) for image, _ in pairs])
+    return images, np.array([label for _, label in pairs], dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A model trained, here and now, on font digits run through preprocess():
+    MNIST-like data, made the way predict prepares its inputs."""
+    x_train, y_train = preprocessed(dataset(1500, seed=1))
+    x_val, y_val = preprocessed(dataset(200, seed=2))
+    out = tmp_path_factory.mktemp("predict") / "run"
+    config = TrainConfig(epochs=10, output_dir=out, num_images=0, strategy="default")
+    result = run(config, datasets=Mnist(x_train, y_train, x_val, y_val))
+    assert result.metrics["test"]["accuracy"] > 0.9  # learnt, before any file is involved
+    return out
+
+
+def test_preprocess_makes_mnist_style_28x28():
+    # A dark bar, 40x120 pixels, off-centre on a light 300x400 photo-like canvas.
+    pixels = np.full((300, 400), 220, np.uint8)
+    pixels[20:140, 300:340] = 30
+    out = preprocess(Image.fromarray(pixels))
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    rows, cols = np.nonzero(out)
+    # Longer side scaled to 20 pixels, aspect ratio kept (120:40 -> 20:~7).
+    assert rows.max() - rows.min() + 1 == 20
+    assert 6 <= cols.max() - cols.min() + 1 <= 8
+    # White ink on black; centre of mass in the middle, as in MNIST.
+    assert out.max() == 255 and out[0, 0] == 0
+    mass = out.astype(float)
+    centre = [(np.indices(out.shape)[axis] * mass).sum() / mass.sum() for axis in (0, 1)]
+    np.testing.assert_allclose(centre, [14, 14], atol=0.6)
+
+
+def test_polarity_colour_and_position_do_not_change_what_the_model_sees():
+    rng = np.random.default_rng(7)
+    base = preprocess(render(3, np.random.default_rng(7), mode="L", dark_ink=True))
+    grey = np.asarray(render(3, rng, mode="L", dark_ink=True))
+    variants = {
+        "inverted": Image.fromarray(255 - grey),
+        "colour": Image.fromarray(np.stack([grey, grey // 2 + 100, grey], axis=-1)),
+        "moved on a larger canvas": Image.fromarray(np.pad(grey, ((90, 10), (5, 120)), "edge")),
+        "4x larger": Image.fromarray(grey).resize((grey.shape[1] * 4, grey.shape[0] * 4)),
+    }
+    for name, image in variants.items():
+        difference = np.abs(preprocess(image).astype(int) - base.astype(int)).mean()
+        assert difference < 12, (name, difference)  # of 255; unrelated digits differ by ~60
+
+
+def test_transparent_background_is_read_as_paper():
+    glyph = Image.new("LA", (80, 100), (0, 0))  # black ink, alpha only where the ink is
+    glyph.paste((0, 255), (30, 10, 45, 90))
+    out = preprocess(glyph)
+    assert out[0, 0] == 0 and out.max() == 255
+    assert np.count_nonzero(out) < 28 * 28 / 3  # the bar, not the whole frame
+
+
+def test_blank_image_is_a_bad_image():
+    with pytest.raises(BadImage, match="no digit"):
+        preprocess(Image.new("L", (50, 50), 200))
+
+
+def test_generated_digits_are_classified_correctly(model_dir, tmp_path):
+    """Held-out digits in every size, position, polarity, colour mode and format."""
+    pairs = dataset(200, seed=3)
+    paths, labels = [], []
+    for i, (image, label) in enumerate(pairs):
+        kind = FORMATS[i % len(FORMATS)]
+        paths.append(tmp_path / f"{i:03d}.{kind.lower()}")
+        image.save(paths[-1], format=kind)
+        labels.append(label)
+    results = predict_files(load_model(model_dir), paths)
+    predicted = np.array([r.digit for r in results])
+    accuracy = (predicted == np.array(labels)).mean()
+    assert accuracy >= 0.9, accuracy
+    for i, kind in enumerate(FORMATS):  # no format is left behind
+        assert (predicted[i :: len(FORMATS)] == labels[i :: len(FORMATS)]).mean() >= 0.8, kind
+
+
+@pytest.fixture
+def mixed_files(tmp_path):
+    """Two good images and the three kinds of bad file users hand over."""
+    good = []
+    for digit, kind in ((4, "JPEG"), (7, "PNG")):
+        path = tmp_path / f"digit{digit}.{kind.lower()}"
+        render(digit, np.random.default_rng(digit), dark_ink=True).save(path, format=kind)
+        good.append(path)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good[1].read_bytes()[:200])
+    return good, [text, empty, truncated]
+
+
+def test_bad_files_fail_alone(mixed_files):
+    good, bad = mixed_files
+    for path in bad:
+        with pytest.raises(BadImage):
+            read_image(path)
+    for path in good:
+        read_image(path)
+
+
+def test_cli_prints_good_files_and_one_error_line_per_bad_file(model_dir, mixed_files, tmp_path):
+    good, bad = mixed_files
+    files = [str(p) for p in (good[0], *bad, good[1])]
+    result = mnist_job("predict", "--model", str(model_dir), *files)
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(good[0]), str(good[1])]
+    assert lines[0].split(": ")[1].startswith("4 (") and "top-3:" in lines[0]
+    assert lines[1].split(": ")[1].startswith("7 (")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
+    for path, reason in zip(bad, ("not an image", "empty file", "truncated"), strict=True):
+        assert any(str(path) in line and reason in line for line in errors), (path, errors)
+    assert "3 of 5 images could not be read" in errors[-1]
+    assert "Traceback" not in result.stderr
+
+    saved = tmp_path / "seen"
+    result = mnist_job(
+        "predict", "--model", str(model_dir / "model.keras"), "--json",
+        "--save-preprocessed", str(saved), *files,
+    )  # fmt: skip
+    assert result.returncode == 3
+    entries = json.loads(result.stdout)
+    assert [e["file"] for e in entries] == files
+    assert [e.get("digit") for e in entries] == [4, None, None, None, 7]
+    assert all("error" in e for e in entries[1:4])
+    assert (
+        len(entries[0]["top3"]) == 3
+        and entries[0]["probability"] == entries[0]["top3"][0]["probability"]
+    )
+    for path in good:
+        with Image.open(saved / f"{path.stem}.png") as image:
+            assert image.size == (28, 28) and image.mode == "L"
+
+
+def test_all_good_files_exit_0(model_dir, mixed_files):
+    good, _ = mixed_files
+    result = mnist_job("predict", "--model", str(model_dir), *map(str, good))
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("content", [None, b"garbage, not a zip"])
+def test_missing_or_invalid_model_is_one_line_exit_2(tmp_path, mixed_files, content):
+    model = tmp_path / "model.keras"
+    if content is not None:
+        model.write_bytes(content)
+    result = mnist_job("predict", "--model", str(model), str(mixed_files[0][0]))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job")]
+    assert len(errors) == 1 and str(model) in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
