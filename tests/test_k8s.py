@@ -549,6 +549,70 @@ def test_indexed_job_workers_find_each_other_and_train(tmp_path):
 
 
 @pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "lost_code", "peer_code", "action"),
+    [
+        # Preempted: SIGTERM; the workers agree to stop at the same step, the
+        # chief checkpoints, all exit 143: no retry is used up.
+        ("terminate", ExitCode.TERMINATED, ExitCode.TERMINATED, "Ignore"),
+        # Crashed (SIGKILL, like the OOM killer): the peer's collectives abort.
+        ("kill", 137, ExitCode.FAILURE, "Count"),
+    ],
+)
+def test_lost_worker_restarts_the_group_from_the_checkpoint(
+    tmp_path, how, lost_code, peer_code, action
+):
+    """One worker of k8s/multi-worker.yaml lost mid-run: the other one ends
+    too, with the exit code the podFailurePolicy expects; the replacement
+    pods (the Job controller replaces every index) resume and finish."""
+    _docker_ready("mnist-job:cpu")
+    job = job_of("multi-worker.yaml")
+    workers = job["spec"]["completions"]
+    volume = kubelet.prepare_volume(tmp_path / "pvc", job)
+    # Lost after epoch 1 of 10 (~0.5 s each here), so surely mid-run;
+    # checkpoints every 25 of the 125 steps of an epoch.
+    env = {
+        "MNIST_JOB_EPOCHS": "10",
+        "MNIST_JOB_MAX_TRAIN_SAMPLES": "4000",
+        "MNIST_JOB_CHECKPOINT_EVERY": "25",
+    }
+    claims = {"mnist-job-multi-outputs": volume}
+    with kubelet.docker_network() as network:
+        pods = [kubelet.pod(job, claims, index=i, env=env, network=network) for i in range(workers)]
+        with kubelet.running(*pods):
+            pods[0].wait_for_log(r"epoch 1/10", timeout=180)
+            lost = pods[-1]
+            if how == "terminate":
+                codes = {lost.name: lost.terminate()}
+            else:
+                subprocess.run([kubelet.DOCKER, "kill", lost.name], check=True)
+                codes = {lost.name: lost.wait(timeout=30)}
+            codes.update({p.name: p.wait(timeout=120) for p in pods[:-1]})
+            logs = "\n\n".join(p.logs()[-1500:] for p in pods)
+        assert codes[lost.name] == lost_code, logs
+        assert [codes[p.name] for p in pods[:-1]] == [peer_code] * (workers - 1), logs
+        for code in codes.values():
+            assert kubelet.failure_action(job, code, container="mnist-job") == action
+        assert (volume / "checkpoints" / "latest.npz").exists()
+        assert not (volume / "metrics.json").exists()
+
+        replacements = [
+            kubelet.pod(job, claims, index=i, env=env, network=network) for i in range(workers)
+        ]
+        with kubelet.running(*replacements):
+            codes = [p.wait(timeout=300) for p in replacements]
+            logs = [p.logs() for p in replacements]
+    assert codes == [0] * workers, "\n\n".join(log[-2000:] for log in logs)
+    for log in logs:
+        resumed = re.search(r"Resuming from \S+: epoch (\d+), step (\d+)", log)
+        assert resumed and (int(resumed.group(1)), int(resumed.group(2))) > (1, 0), log[-2000:]
+    metrics = _assert_artifacts(volume)
+    assert len(metrics["history"]) == 10
+    assert metrics["resumed_from"] is not None
+
+
+@pytest.mark.docker
 def test_gpu_job_on_a_node_without_gpu_fails_the_job(tmp_path):
     """The CUDA image where TensorFlow sees no GPU: exit 4 at once, and the
     podFailurePolicy fails the Job rather than retrying or training on CPU."""
