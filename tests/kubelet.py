@@ -52,7 +52,9 @@ def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 
 def pod_template(workload: dict) -> dict:
-    """The pod spec of a Job or Deployment."""
+    """The pod spec of a Job or Deployment, or of a Pod itself."""
+    if workload["kind"] == "Pod":
+        return workload["spec"]
     return workload["spec"]["template"]["spec"]
 
 
@@ -210,7 +212,7 @@ def pod(
     network: str | None = None,
     container: str | None = None,
 ) -> Pod:
-    """The `docker run` of one pod of `workload` (Job or Deployment).
+    """The `docker run` of one pod of `workload` (Job, Deployment or Pod).
 
     claims: claimName -> host directory standing in for the volume (prepared
     with `prepare_volume`). index: the completion index, for Indexed Jobs.
@@ -227,6 +229,8 @@ def pod(
         if index is None:
             raise ValueError("an Indexed Job's pod needs its completion index")
         hostname = f"{workload_name}-{index}"
+    elif workload["kind"] == "Pod":
+        hostname = workload_name
     else:
         hostname = f"{workload_name}-{suffix[:5]}"
     name = f"{hostname}-{suffix}"

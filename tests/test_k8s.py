@@ -43,6 +43,7 @@ ARTIFACTS = [
     "tensorboard/train",
     "tensorboard/validation",
 ]
+WORKLOADS = ("Job", "Deployment", "Pod")
 SMALL_RUN = {"MNIST_JOB_EPOCHS": "1", "MNIST_JOB_MAX_TRAIN_SAMPLES": "2000"}
 
 
@@ -65,7 +66,7 @@ def env_of(container: dict) -> dict[str, str]:
 def all_workloads():
     for name in (p.name for p in MANIFESTS):
         for obj in objects(name):
-            if obj["kind"] in ("Job", "Deployment"):
+            if obj["kind"] in WORKLOADS:
                 yield name, obj
 
 
@@ -118,7 +119,7 @@ def test_each_file_stands_alone(name):
         if o["kind"] == "PersistentVolumeClaim"
     }
     for obj in objects(name):
-        if obj["kind"] not in ("Job", "Deployment"):
+        if obj["kind"] not in WORKLOADS:
             continue
         for volume in kubelet.pod_template(obj).get("volumes", []):
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
@@ -251,7 +252,7 @@ def test_pods_run_restricted(name):
     """The restricted Pod Security Standard, plus a read-only root and the
     image's uid:gid 1000 with fsGroup so the volume is writable."""
     for obj in objects(name):
-        if obj["kind"] not in ("Job", "Deployment"):
+        if obj["kind"] not in WORKLOADS:
             continue
         spec = kubelet.pod_template(obj)
         pod_security = spec["securityContext"]
@@ -481,6 +482,27 @@ def test_tensorboard_pod_serves_the_jobs_logs(finished_volume):
         assert set(json.loads(result.stdout)) >= {"train", "validation"}
         # Read-only: the pod cannot touch the job's outputs.
         assert pod.exec("touch", "/outputs/x").returncode != 0
+
+
+@pytest.mark.docker
+def test_fetch_pod_hands_out_the_model_as_kubectl_cp_takes_it(finished_volume, tmp_path):
+    """k8s/fetch-outputs.yaml: `kubectl cp pod:/outputs ./outputs` runs
+    `tar cf - /outputs` in the pod; the same here gives back the model."""
+    _docker_ready("mnist-job:cpu")
+    fetch = kubelet.find(objects("fetch-outputs.yaml"), "Pod")
+    pod = kubelet.pod(fetch, {"mnist-job-outputs": finished_volume})
+    with kubelet.running(pod):
+        tar = subprocess.run(
+            [kubelet.DOCKER, "exec", pod.name, "tar", "cf", "-", "/outputs"],
+            capture_output=True,
+            timeout=60,
+        )
+        assert tar.returncode == 0, tar.stderr.decode()[-2000:]
+        assert pod.exec("touch", "/outputs/x").returncode != 0  # read-only
+    subprocess.run(["tar", "xf", "-", "-C", str(tmp_path)], input=tar.stdout, check=True)
+    copied = tmp_path / "outputs"
+    for name in ("model.keras", "metrics.json", "predictions.png"):
+        assert (copied / name).read_bytes() == (finished_volume / name).read_bytes()
 
 
 @pytest.mark.docker
