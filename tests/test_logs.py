@@ -1,0 +1,152 @@
+"""Log output where the job runs: JSON lines for aggregators, plain lines in
+containers (no control characters), a progress line on a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from job import logs
+from tests.conftest import ROOT, run_tiny_job
+
+# What TensorFlow's C++ runtime prints on stderr before Python logging exists
+# (TF_CPP_MIN_LOG_LEVEL does not silence the oneDNN notice in TF 2.21).
+TF_RUNTIME_LINE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+    r"STDERR|[IWEF]\d{4} .*)$"
+)
+CONTROL = re.compile(r"[\r\x1b]")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+    logging.captureWarnings(False)
+
+
+def progress(log: logging.Logger, step: int, steps: int = 100) -> None:
+    extra = {"event": "progress", "epoch": 1, "epochs": 3, "step": step, "steps": steps,
+             "seconds": 2.0, "images": step * 32}  # fmt: skip
+    log.info("epoch 1/3: step %d/%d", step, steps, extra=extra)
+
+
+def test_json_is_one_object_per_line_with_the_structured_fields(restore_logging):
+    stream = io.StringIO()
+    logs.configure(1, "json", stream)
+    log = logging.getLogger("job.test")
+    log.info("epoch %d: loss %.2f", 1, 0.5, extra={"event": "epoch", "epoch": 1, "loss": 0.5})
+    progress(log, 50)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    log.debug("not at verbosity 1")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2  # no progress record, no debug
+    epoch, failure = map(json.loads, lines)
+    assert epoch["message"] == "epoch 1: loss 0.50"
+    assert (epoch["event"], epoch["epoch"], epoch["loss"]) == ("epoch", 1, 0.5)
+    assert (epoch["level"], epoch["logger"]) == ("INFO", "job.test")
+    assert epoch["time"].endswith("+00:00")
+    assert "ValueError: boom" in failure["exception"]
+
+
+@pytest.mark.parametrize("log_format", ["auto", "text"])
+def test_plain_lines_when_not_a_terminal(restore_logging, log_format):
+    stream = io.StringIO()
+    logs.configure(1, log_format, stream)
+    log = logging.getLogger("job.test")
+    progress(log, 10)
+    log.info("epoch 1/3: loss 0.5 (1.00 s, 60000 images/s)")
+    output = stream.getvalue()
+    assert not CONTROL.search(output)
+    assert output.count("\n") == 1 and "INFO job.test: epoch 1/3: loss 0.5" in output
+
+
+def test_progress_line_redrawn_in_place_on_a_terminal(restore_logging):
+    stream = Terminal()
+    logs.configure(1, "auto", stream)
+    log = logging.getLogger("job.test")
+    progress(log, 0)
+    progress(log, 50)
+    log.info("epoch 1/3 done")
+    output = stream.getvalue()
+    assert "\x1b" not in output  # carriage returns and spaces only: any terminal
+    first, second, cleared = output.split("\r")[1:4]
+    assert first.startswith("epoch 1/3 [------------------------]   0/100 steps")
+    assert second.startswith("epoch 1/3 [############------------]  50/100 steps  2.0 s  800")
+    assert cleared.strip() == ""  # the progress line is wiped before a normal line
+    assert output.endswith("epoch 1/3 done\n")
+
+
+def test_train_json_logs_parse(tmp_path):
+    result = run_tiny_job("train", "--epochs", "2", "--checkpoint-every", "4", "--output-dir",
+                          str(tmp_path / "out"), "--log-format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = []
+    for line in result.stderr.splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+        else:
+            assert TF_RUNTIME_LINE.match(line), f"not JSON: {line!r}"
+    events = [r.get("event") for r in records]
+    assert events.count("epoch") == 2 and "progress" not in events
+    assert (
+        events.index("start") < events.index("epoch") < events.index("test") < events.index("end")
+    )
+    epoch = next(r for r in records if r.get("event") == "epoch")
+    assert set(epoch) >= {"epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy",
+                          "seconds", "images_per_second"}  # fmt: skip
+    end = records[events.index("end")]
+    assert end["test"]["accuracy"] > 0.5 and "fit_seconds" in end["timings"]
+    assert not CONTROL.search(result.stderr + result.stdout)
+
+
+def test_train_in_a_container_prints_one_plain_line_per_epoch(tmp_path):
+    # stdout and stderr are pipes, as in a container or a Kubernetes pod.
+    result = run_tiny_job("train", "--epochs", "3", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert not CONTROL.search(result.stderr + result.stdout)
+    epochs = [line for line in result.stderr.splitlines() if re.search(r"epoch \d/3:", line)]
+    assert len(epochs) == 3
+    assert all(re.search(r"\d+ images/s\)$", line) for line in epochs)
+
+
+def test_train_on_a_terminal_shows_a_progress_line(tmp_path):
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "tiny_job.py"), "train", "--epochs", "2",
+         "--checkpoint-every", "4", "--output-dir", str(tmp_path / "out")],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+    )  # fmt: skip
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert process.wait(timeout=300) == 0, output.decode(errors="replace")
+    text = output.decode()
+    assert "\repoch 1/2 [" in text and "\repoch 2/2 [" in text
+    assert re.search(r"\repoch 1/2 \[#+-*\]\s+4/10 steps", text)
+    assert "\x1b" not in text
