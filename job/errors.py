@@ -13,7 +13,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1  # anything unexpected: a bug, out of memory; worth a retry
     USAGE = 2  # bad option, bad config, unusable output dir: retrying won't help
-    DATA = 3  # MNIST unavailable or corrupt
+    DATA = 3  # MNIST unavailable or corrupt; predict: an input image unreadable
     DEVICE = 4  # the requested device (GPU) is not visible
     TERMINATED = 143  # SIGTERM (128 + 15): checkpoint written, rerun resumes
 
