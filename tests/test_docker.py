@@ -193,7 +193,8 @@ def test_cuda_image_device_gpu_without_gpu_exits_4(cuda_image, tmp_path):
 
 def test_cuda_libraries_are_found_by_the_loader(cuda_image):
     """The pip-installed CUDA libraries load by name, as TensorFlow dlopens them
-    (tensorflow/tensorflow#63362), without any LD_LIBRARY_PATH."""
+    (tensorflow/tensorflow#63362), without any LD_LIBRARY_PATH: the image lists
+    their directories for ldconfig. Without a GPU this is as far as it can go."""
     script = """
 import ctypes, glob, os, sys
 site = next(p for p in sys.path if p.endswith("site-packages"))
@@ -207,7 +208,9 @@ for name in sorted(names):
     try:
         ctypes.CDLL(name)
     except OSError as err:
-        failed.append(str(err))
+        # The driver, libcuda.so.1, comes from the host (NVIDIA container toolkit).
+        if "libcuda.so.1:" not in str(err):
+            failed.append(str(err))
 print(len(names), "libraries")
 assert not failed, "\\n".join(failed)
 """
