@@ -169,7 +169,8 @@ def cli() -> None:
 @option(
     "--overwrite/--no-overwrite",
     default=DEFAULTS.overwrite,
-    help="Replace a finished run (and its checkpoint) in the output dir.",
+    help="Replace a finished run in the output dir, or start over from a checkpoint of "
+    "other settings. An unfinished run with the same settings is still resumed.",
 )
 @option(
     "--checkpoint-every",

@@ -40,6 +40,11 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     tf.distribute.Strategy to use instead of the one `config.strategy` names.
     """
     started = time.perf_counter()
+    with _sigterm_flag() as stop_requested:
+        return _run(config, datasets, strategy, stop_requested, started)
+
+
+def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float) -> RunResult:
     is_chief = resolve_cluster(config).is_chief
     if is_chief:
         _prepare_output_dir(config)
@@ -53,7 +58,6 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     import keras
     import tensorflow as tf
 
-    from job.data import load
     from job.loop import Trainer
     from job.model import build_model, build_optimizer
 
@@ -61,9 +65,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     _log_placement(placement, config)
 
     data_started = time.perf_counter()
-    mnist = datasets if datasets is not None else load(config.data_dir)
-    train = _InMemory(mnist.x_train[: config.max_train_samples], mnist.y_train, tf)
-    test = _InMemory(mnist.x_test, mnist.y_test, tf)
+    train, test, test_arrays = _load_splits(config, datasets, tf)
     data_seconds = time.perf_counter() - data_started
     steps_per_epoch = train.size // config.batch_size
     if steps_per_epoch == 0:
@@ -123,19 +125,18 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     progress.update(state.epoch, state.step)
 
     fit_started = time.perf_counter()
-    with _sigterm_flag() as stop_requested:
-        finished = trainer.fit(
-            train,
-            test,
-            state,
-            epochs=config.epochs,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            on_checkpoint=save_checkpoint,
-            on_epoch_end=end_of_epoch,
-            stop_requested=stop_requested,
-            on_chunk_end=end_of_chunk,
-        )
+    finished = trainer.fit(
+        train,
+        test,
+        state,
+        epochs=config.epochs,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        on_checkpoint=save_checkpoint,
+        on_epoch_end=end_of_epoch,
+        stop_requested=stop_requested,
+        on_chunk_end=end_of_chunk,
+    )
     fit_seconds = time.perf_counter() - fit_started
     if not finished:
         summaries.close()
@@ -177,7 +178,9 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     }
     if is_chief:
         artifacts_started = time.perf_counter()
-        _write_artifacts(config, model, optimizer, mnist, final, summaries, len(state.history))
+        _write_artifacts(
+            config, model, optimizer, test_arrays, final, summaries, len(state.history)
+        )
         metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
         metrics["timings"]["total_seconds"] = time.perf_counter() - started
         summaries.hparams(
@@ -205,22 +208,40 @@ class _InMemory:
         self.labels = tf.constant(labels[: self.size], dtype=tf.int32)
 
 
+def _load_splits(config: TrainConfig, datasets, tf):
+    """(train, test) as tensors, and the test set as numpy arrays for the figures.
+
+    The numpy training images are dropped on return (47 MB that would
+    otherwise stay alive next to their tensor copy for the whole run).
+    """
+    from job.data import load
+
+    mnist = datasets if datasets is not None else load(config.data_dir)
+    train = _InMemory(mnist.x_train[: config.max_train_samples], mnist.y_train, tf)
+    test = _InMemory(mnist.x_test, mnist.y_test, tf)
+    return train, test, (mnist.x_test, mnist.y_test)
+
+
 def _prepare_output_dir(config: TrainConfig) -> None:
     artifacts.ensure_writable_dir(config.output_dir, "output dir")
-    if config.metrics_path.exists():
-        if not config.overwrite:
-            raise ConfigError(
-                f"{config.output_dir} holds a finished run (metrics.json): "
-                "pass --overwrite to replace it, or choose another --output-dir"
-            )
-        log.warning("--overwrite: replacing the finished run in %s", config.output_dir)
-    if config.overwrite:
-        # Start over: the old run's checkpoint and logs would otherwise be resumed
-        # from or mixed into the new run. The metrics go first, so an interrupted
-        # overwrite never looks like a finished run.
-        config.metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(config.checkpoint_path.parent, ignore_errors=True)
-        shutil.rmtree(config.tensorboard_path, ignore_errors=True)
+    if not config.metrics_path.exists():
+        return
+    if not config.overwrite:
+        raise ConfigError(
+            f"{config.output_dir} holds a finished run (metrics.json): "
+            "pass --overwrite to replace it, or choose another --output-dir"
+        )
+    log.warning("--overwrite: replacing the finished run in %s", config.output_dir)
+    # The metrics go first, so an interrupted overwrite never looks finished.
+    config.metrics_path.unlink()
+    _discard_training_state(config)
+
+
+def _discard_training_state(config: TrainConfig) -> None:
+    """Forget a run's checkpoint and logs, which would otherwise be resumed
+    from or mixed into the new run's."""
+    shutil.rmtree(config.checkpoint_path.parent, ignore_errors=True)
+    shutil.rmtree(config.tensorboard_path, ignore_errors=True)
 
 
 def _fingerprint(config: TrainConfig, train_size: int) -> dict:
@@ -240,7 +261,17 @@ def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int):
     if saved is None:
         return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)
     weights, optimizer_values, state = saved
-    checkpoint.check_compatible(state, fingerprint, config.checkpoint_path)
+    try:
+        checkpoint.check_compatible(state, fingerprint, config.checkpoint_path)
+    except ConfigError as err:
+        if not config.overwrite:
+            raise
+        # --overwrite starts over from a checkpoint of other settings, but a
+        # compatible one is still resumed: a preempted pod whose spec says
+        # --overwrite must not throw away its own progress on every restart.
+        log.warning("--overwrite: starting over (%s)", err)
+        _discard_training_state(config)
+        return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)
     model.set_weights(weights)
     for variable, value in zip(optimizer.variables, optimizer_values, strict=True):
         variable.assign(value)
@@ -271,7 +302,9 @@ def _check_workers_agree(strategy, global_step: int, tf) -> None:
         )
 
 
-def _write_artifacts(config, model, optimizer, mnist, final, summaries, epochs_done: int) -> None:
+def _write_artifacts(
+    config, model, optimizer, test_arrays, final, summaries, epochs_done: int
+) -> None:
     from job.evaluate import figures
     from job.model import build_model, compile_for_users
     from job.plots import predictions_panel
@@ -289,17 +322,18 @@ def _write_artifacts(config, model, optimizer, mnist, final, summaries, epochs_d
     artifacts.save_keras_model(saved, config.model_path)
     artifacts.export_saved_model(saved, config.saved_model_path)
 
+    test_images, test_labels = test_arrays
     if config.num_images:
         rng = np.random.default_rng(config.seed)
-        count = min(config.num_images, len(mnist.x_test))
-        picks = rng.choice(len(mnist.x_test), count, replace=False)
+        count = min(config.num_images, len(test_images))
+        picks = rng.choice(len(test_images), count, replace=False)
         predicted = final.probabilities[picks].argmax(axis=1)
-        png = predictions_panel(mnist.x_test[picks], mnist.y_test[picks], predicted)
+        png = predictions_panel(test_images[picks], test_labels[picks], predicted)
         artifacts.write_bytes(config.output_dir / "predictions.png", png)
         summaries.image("predictions", png, step=epochs_done)
 
     # From the final evaluation's probabilities: no second pass over the test set.
-    for name, png in figures(mnist.x_test, mnist.y_test, final.probabilities).items():
+    for name, png in figures(test_images, test_labels, final.probabilities).items():
         artifacts.write_bytes(config.output_dir / f"{name}.png", png)
         summaries.image(name, png, step=epochs_done)
 
@@ -338,8 +372,10 @@ def _log_placement(placement, config: TrainConfig) -> None:
 
 @contextlib.contextmanager
 def _sigterm_flag() -> Iterator:
-    """While training, SIGTERM (Kubernetes eviction, docker stop) only sets a
-    flag: the loop checkpoints at the end of the current chunk and stops."""
+    """During a run, SIGTERM (Kubernetes eviction, docker stop) only sets a
+    flag. Training checkpoints at the end of the current chunk and stops with
+    exit 143; once training is done the run finishes writing its artifacts,
+    which takes about a second, rather than leave them half made."""
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:

@@ -187,3 +187,21 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(tmp_path, tiny, tiny_conf
         checkpoint.save = real_save
     # 320 images / 32 = 10 steps: checkpoints at steps 4 and 8, then the epoch end.
     assert saved == [(0, 4), (0, 8), (1, 0)]
+
+
+def test_overwrite_still_resumes_a_compatible_unfinished_run(tmp_path, tiny, tiny_config):
+    """A preempted pod whose spec says --overwrite must not lose its progress."""
+    run(tiny_config.replace(epochs=1), datasets=tiny)
+    (tiny_config.output_dir / "metrics.json").unlink()  # cut short after epoch 1
+    resumed = run(tiny_config.replace(epochs=2, overwrite=True), datasets=tiny)
+    assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
+
+
+def test_overwrite_starts_over_from_a_checkpoint_of_other_settings(tmp_path, tiny, tiny_config):
+    run(tiny_config.replace(epochs=1), datasets=tiny)
+    (tiny_config.output_dir / "metrics.json").unlink()
+    fresh = run(tiny_config.replace(batch_size=16, overwrite=True), datasets=tiny)
+    assert fresh.metrics["resumed_from"] is None
+    assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
+    found = scalars(tiny_config.output_dir / "tensorboard" / "train")
+    assert [step for step, _ in found["epoch_loss"]] == [1, 2]
