@@ -3,7 +3,11 @@
 #   make docker                                   # mnist-job:cpu (= :latest) and :cuda
 #   make docker-base docker BASE_IMAGE=mnist-job-base:bookworm   # no registry reachable
 #   make docker EXTRA_CA_CERTS=/path/to/ca-bundle.pem            # TLS-inspecting proxy
-#   make docker-test                              # build (cached) and run the docker tests
+#   make docker-test                              # the docker tests, on the built images
+#
+# EXTRA_CA_CERTS (also read from the environment) changes the dependency layer:
+# pass the same value every time, or that layer, the CUDA image's 3.4 GB
+# download included, is rebuilt.
 
 IMAGE ?= mnist-job
 BASE_IMAGE ?= python:3.11-slim-bookworm
@@ -50,7 +54,7 @@ docker-cuda: docker-ca-certs $(DOCKER_BASE_DEP) ## Build mnist-job:cuda (tensorf
 docker-base: ## Build mnist-job-base:bookworm from the Debian archive (no registry needed; root)
 	scripts/build-base-image.sh $(LOCAL_BASE_IMAGE)
 
-docker-test: $(VENV_STAMP) docker ## Build the images (cached) and run the docker-marked tests
+docker-test: $(VENV_STAMP) ## Run the docker-marked tests on the built images (make docker first)
 	IMAGE=$(IMAGE) $(PY) -m pytest -m docker $(PYTEST_ARGS)
 
 docker-ls: ## Show the images and their sizes
