@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: help install train train-multiworker test test-fast lint format tensorboard bench clean lock
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort \
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort \
 	  | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 $(VENV_STAMP): requirements/dev.txt pyproject.toml
@@ -59,3 +59,4 @@ clean: ## Remove the venv, outputs and caches (not the MNIST cache)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include docker/docker.mk
+-include k8s/k8s.mk

@@ -50,6 +50,10 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
         _prepare_output_dir(config)
 
     placement = setup(config, strategy)
+    # MultiWorkerMirroredStrategy's runtime installs its own SIGTERM handler
+    # (preemption notices), which swallows the signal before Python sees it.
+    # Reinstall ours so an evicted worker still checkpoints and stops.
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
     if config.batch_size % placement.num_replicas:
         raise ConfigError(
             f"--batch-size {config.batch_size} (global) must divide evenly "
@@ -115,7 +119,8 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
             record["images_per_second"],
             extra={"event": "epoch", "epochs": config.epochs, **record},
         )
-        summaries.epoch(record, learning_rate=float(optimizer.learning_rate))
+        # .numpy(): under a distribution strategy this is a mirrored variable.
+        summaries.epoch(record, learning_rate=float(optimizer.learning_rate.numpy()))
         progress.update(state.epoch, 0)
 
     def end_of_chunk(state: checkpoint.TrainState, mean_loss: float) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -73,3 +75,47 @@ def test_local_runner_script_completes_one_output_dir(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["devices"]["workers"] == 2
+
+
+def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    out = tmp_path / "out"
+
+    def start_workers():
+        workers = []
+        for index in range(2):
+            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TINY_JOB_TRAIN": TRAIN}
+            command = [
+                sys.executable,
+                str(ROOT / "tests" / "tiny_job.py"),
+                "train",
+                "--epochs",
+                "100",
+                "--checkpoint-every",
+                "10",
+                "--output-dir",
+                str(out),
+            ]
+            workers.append(
+                subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            )
+        return workers
+
+    workers = start_workers()
+    checkpoint = out / "checkpoints" / "latest.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+        time.sleep(0.1)
+    workers[1].send_signal(signal.SIGTERM)  # only the non-chief is evicted
+    logs = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [143, 143], logs
+    assert not (out / "metrics.json").exists()
+
+    workers = start_workers()
+    logs = [worker.communicate(timeout=300)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], logs
+    assert "Resuming from" in logs[0] and "Resuming from" in logs[1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [record["epoch"] for record in metrics["history"]] == list(range(1, 101))
