@@ -236,7 +236,9 @@ def train(verbose, sagemaker_model_dir, **options) -> None:
         log.info("Ignoring --model_dir %s (SageMaker's; use SM_MODEL_DIR)", sagemaker_model_dir)
     from job.runner import run
 
-    run(config)
+    result = run(config)
+    if result.metrics["devices"]["workers"] == 1:
+        _exit_without_teardown()
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -387,6 +389,17 @@ def _configure_logging(verbosity: int, log_format: str) -> None:
     if verbosity < 2:
         # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise here.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _exit_without_teardown() -> None:
+    """Exit 0 now, skipping the interpreter's teardown of TensorFlow: 0.7 s of
+    destructors on a 7 s run. Safe because every artifact is already written,
+    fsynced and closed. Multi-worker runs exit normally instead, so that
+    TensorFlow's coordination service between the workers shuts down in order."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(ExitCode.OK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,14 +194,16 @@ def main() -> int:
             for key in SMALLER_IS_BETTER
         }
         results["batch_scaling"] = {
-            batch: run_job(data_dir, work / "job", "--epochs", "1", "--batch-size", str(batch))[
+            batch: run_job(data_dir, work / "batch", "--epochs", "1", "--batch-size", str(batch))[
                 "images_per_second"
             ]
             for batch in batch_sizes
         }
         results["workers"] = {n: run_workers(data_dir, work / f"workers-{n}", n) for n in (1, 2)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        # A sample of what the job writes, for the README.
+        shutil.copy(work / "job" / "predictions.png", args.out / "predictions.png")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, args.out / "results.png")
     print(table(results))
