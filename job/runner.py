@@ -48,22 +48,13 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
     is_chief = resolve_cluster(config).is_chief
     if is_chief:
         _prepare_output_dir(config)
-
-    placement = setup(config, strategy)
-    # MultiWorkerMirroredStrategy's runtime installs its own SIGTERM handler
-    # (preemption notices), which swallows the signal before Python sees it.
-    # Reinstall ours so an evicted worker still checkpoints and stops.
-    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
-    if config.batch_size % placement.num_replicas:
-        raise ConfigError(
-            f"--batch-size {config.batch_size} (global) must divide evenly "
-            f"across {placement.num_replicas} replicas"
-        )
+    placement = _set_up(config, strategy)
     import keras
     import tensorflow as tf
 
     from job.loop import Trainer
     from job.model import build_model, build_optimizer
+    from job.summaries import Summaries
 
     keras.utils.set_random_seed(config.seed)
     _log_placement(placement, config)
@@ -92,42 +83,11 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
     if placement.cluster.num_workers > 1:
         _check_workers_agree(placement.strategy, state.global_step, tf)
     start_step = state.global_step
-    resumed_at = (state.epoch, state.step) if start_step else None
-
-    from job.summaries import Summaries
 
     summaries = Summaries(config.tensorboard_path if is_chief else None)
     summaries.graph(model)
-    progress = Progress(log, config.epochs, steps_per_epoch, config.batch_size)
-
-    def save_checkpoint(state: checkpoint.TrainState) -> None:
-        if is_chief:
-            optimizer_values = [v.numpy() for v in optimizer.variables]
-            checkpoint.save(config.checkpoint_path, model.get_weights(), optimizer_values, state)
-
-    def end_of_epoch(state: checkpoint.TrainState, record: dict) -> None:
-        log.info(
-            "epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
-            "(%.2f s, %.0f images/s)",
-            record["epoch"],
-            config.epochs,
-            record["loss"],
-            record["accuracy"],
-            record["val_loss"],
-            record["val_accuracy"],
-            record["seconds"],
-            record["images_per_second"],
-            extra={"event": "epoch", "epochs": config.epochs, **record},
-        )
-        # .numpy(): under a distribution strategy this is a mirrored variable.
-        summaries.epoch(record, learning_rate=float(optimizer.learning_rate.numpy()))
-        progress.update(state.epoch, 0)
-
-    def end_of_chunk(state: checkpoint.TrainState, mean_loss: float) -> None:
-        summaries.chunk(state.global_step, mean_loss)
-        progress.update(state.epoch, state.step)
-
-    progress.update(state.epoch, state.step)
+    events = _TrainingEvents(config, model, optimizer, summaries, steps_per_epoch, is_chief)
+    events.progress.update(state.epoch, state.step)
 
     fit_started = time.perf_counter()
     finished = trainer.fit(
@@ -137,10 +97,10 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
         epochs=config.epochs,
         seed=config.seed,
         checkpoint_every=config.checkpoint_every,
-        on_checkpoint=save_checkpoint,
-        on_epoch_end=end_of_epoch,
+        on_checkpoint=events.checkpoint,
+        on_epoch_end=events.epoch_end,
         stop_requested=stop_requested,
-        on_chunk_end=end_of_chunk,
+        on_chunk_end=events.chunk_end,
     )
     fit_seconds = time.perf_counter() - fit_started
     if not finished:
@@ -160,18 +120,36 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
         extra={"event": "test", "loss": final.loss, "accuracy": final.accuracy},
     )
 
+    timings = {
+        "data_seconds": data_seconds,
+        "fit_seconds": fit_seconds,
+        "evaluate_seconds": evaluate_seconds,
+    }
+    metrics = _metrics(config, placement, state, final, start_step, timings)
+    if is_chief:
+        _publish(config, model, optimizer, test_arrays, final, summaries, metrics, started)
+    summaries.close()
+    return RunResult(metrics, model)
+
+
+def _metrics(config, placement, state, final, start_step: int, timings: dict) -> dict:
+    """What metrics.json records about the run."""
+    import keras
+    import tensorflow as tf
+
+    steps_per_epoch = state.steps_per_epoch
     trained_images = (config.epochs * steps_per_epoch - start_step) * config.batch_size
-    metrics = {
+    return {
         "config": config.to_dict(),
         "history": state.history,
         "test": {"loss": final.loss, "accuracy": final.accuracy},
-        "resumed_from": {"epoch": resumed_at[0], "step": resumed_at[1]} if resumed_at else None,
-        "timings": {
-            "data_seconds": data_seconds,
-            "fit_seconds": fit_seconds,
-            "evaluate_seconds": evaluate_seconds,
-        },
-        "throughput": {"train_images_per_second": trained_images / fit_seconds},
+        "resumed_from": (
+            {"epoch": start_step // steps_per_epoch, "step": start_step % steps_per_epoch}
+            if start_step
+            else None
+        ),
+        "timings": timings,
+        "throughput": {"train_images_per_second": trained_images / timings["fit_seconds"]},
         "versions": _versions(tf, keras),
         "devices": {
             "strategy": placement.strategy_name,
@@ -180,28 +158,84 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
             "gpus": placement.gpus,
             "cpu_threads": placement.cpu_threads,
         },
+        "train_images": state.fingerprint["train_size"],
     }
-    if is_chief:
-        artifacts_started = time.perf_counter()
-        _write_artifacts(
-            config, model, optimizer, test_arrays, final, summaries, len(state.history)
+
+
+def _publish(config, model, optimizer, test_arrays, final, summaries, metrics, started) -> None:
+    """The chief's last act: every artifact, then metrics.json."""
+    artifacts_started = time.perf_counter()
+    epochs_done = len(metrics["history"])
+    _write_artifacts(config, model, optimizer, test_arrays, final, summaries, epochs_done)
+    metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
+    metrics["timings"]["total_seconds"] = time.perf_counter() - started
+    summaries.hparams(
+        {**metrics["config"], **metrics["devices"], "train_images": metrics["train_images"]},
+        metrics["test"],
+        step=epochs_done,
+    )
+    # Last, so that its presence means the run finished.
+    artifacts.write_json(config.metrics_path, metrics)
+    log.info(
+        "Wrote model, logs, predictions and metrics to %s",
+        config.output_dir,
+        extra={"event": "end", "test": metrics["test"], "timings": metrics["timings"]},
+    )
+
+
+def _set_up(config: TrainConfig, strategy):
+    """Devices, threads and the strategy; checks the batch splits across replicas."""
+    placement = setup(config, strategy)
+    # MultiWorkerMirroredStrategy's runtime installs its own SIGTERM handler
+    # (preemption notices), which swallows the signal before Python sees it.
+    # Reinstall ours so an evicted worker still checkpoints and stops.
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    if config.batch_size % placement.num_replicas:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} (global) must divide evenly "
+            f"across {placement.num_replicas} replicas"
         )
-        metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
-        metrics["timings"]["total_seconds"] = time.perf_counter() - started
-        summaries.hparams(
-            {**metrics["config"], **metrics["devices"], "train_images": train.size},
-            metrics["test"],
-            step=len(state.history),
-        )
-        # Last, so that its presence means the run finished.
-        artifacts.write_json(config.metrics_path, metrics)
+    return placement
+
+
+class _TrainingEvents:
+    """What happens between compiled chunks of steps: checkpoints (chief only),
+    a log line and TensorBoard scalars per epoch, and the progress line."""
+
+    def __init__(self, config, model, optimizer, summaries, steps_per_epoch: int, is_chief: bool):
+        self.config, self.model, self.optimizer = config, model, optimizer
+        self.summaries, self.is_chief = summaries, is_chief
+        self.progress = Progress(log, config.epochs, steps_per_epoch, config.batch_size)
+
+    def checkpoint(self, state: checkpoint.TrainState) -> None:
+        if self.is_chief:
+            optimizer_values = [v.numpy() for v in self.optimizer.variables]
+            checkpoint.save(
+                self.config.checkpoint_path, self.model.get_weights(), optimizer_values, state
+            )
+
+    def epoch_end(self, state: checkpoint.TrainState, record: dict) -> None:
         log.info(
-            "Wrote model, logs, predictions and metrics to %s",
-            config.output_dir,
-            extra={"event": "end", "test": metrics["test"], "timings": metrics["timings"]},
+            "epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
+            "(%.2f s, %.0f images/s)",
+            record["epoch"],
+            self.config.epochs,
+            record["loss"],
+            record["accuracy"],
+            record["val_loss"],
+            record["val_accuracy"],
+            record["seconds"],
+            record["images_per_second"],
+            extra={"event": "epoch", "epochs": self.config.epochs, **record},
         )
-    summaries.close()
-    return RunResult(metrics, model)
+        # .numpy(): under a distribution strategy this is a mirrored variable.
+        learning_rate = float(self.optimizer.learning_rate.numpy())
+        self.summaries.epoch(record, learning_rate=learning_rate)
+        self.progress.update(state.epoch, 0)
+
+    def chunk_end(self, state: checkpoint.TrainState, mean_loss: float) -> None:
+        self.summaries.chunk(state.global_step, mean_loss)
+        self.progress.update(state.epoch, state.step)
 
 
 class _InMemory:
