@@ -83,6 +83,7 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
     if placement.cluster.num_workers > 1:
         _check_workers_agree(placement.strategy, state.global_step, tf)
     start_step = state.global_step
+    resumed_from = {"epoch": state.epoch, "step": state.step} if start_step else None
 
     summaries = Summaries(config.tensorboard_path if is_chief else None)
     summaries.graph(model)
@@ -125,14 +126,14 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
         "fit_seconds": fit_seconds,
         "evaluate_seconds": evaluate_seconds,
     }
-    metrics = _metrics(config, placement, state, final, start_step, timings)
+    metrics = _metrics(config, placement, state, final, start_step, resumed_from, timings)
     if is_chief:
         _publish(config, model, optimizer, test_arrays, final, summaries, metrics, started)
     summaries.close()
     return RunResult(metrics, model)
 
 
-def _metrics(config, placement, state, final, start_step: int, timings: dict) -> dict:
+def _metrics(config, placement, state, final, start_step, resumed_from, timings) -> dict:
     """What metrics.json records about the run."""
     import keras
     import tensorflow as tf
@@ -143,11 +144,7 @@ def _metrics(config, placement, state, final, start_step: int, timings: dict) ->
         "config": config.to_dict(),
         "history": state.history,
         "test": {"loss": final.loss, "accuracy": final.accuracy},
-        "resumed_from": (
-            {"epoch": start_step // steps_per_epoch, "step": start_step % steps_per_epoch}
-            if start_step
-            else None
-        ),
+        "resumed_from": resumed_from,
         "timings": timings,
         "throughput": {"train_images_per_second": trained_images / timings["fit_seconds"]},
         "versions": _versions(tf, keras),

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 IMAGE = os.environ.get("IMAGE", "mnist-job")
-# The user the Dockerfile sets (USER 1000:1000); Kubernetes' fsGroup names it too.
+# The job's user (docker/entrypoint.sh drops to it); Kubernetes' fsGroup names it too.
 CONTAINER_UID = 1000
 CONTAINER_GID = 1000
 ARTIFACTS = (
@@ -94,8 +94,9 @@ def docker_run_args(
     cmd += ["--detach"] if detach else ["--rm"]
     if name:
         cmd += ["--name", name]
-    if user:
-        cmd += ["--user", user]
+    # Locked-down runtimes name the user (Kubernetes' runAsUser); without
+    # capabilities the entrypoint could not drop from root to it by itself.
+    cmd += ["--user", user or f"{CONTAINER_UID}:{CONTAINER_GID}"]
     for host, container in (volumes or {}).items():
         cmd += ["--volume", f"{host}:{container}"]
     for key, value in (env or {}).items():
