@@ -92,3 +92,27 @@ def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
     assert "tensorboard_dir" not in options
     assert options["data_dir"] == tmp_path / "data"
     assert options["output_dir"] == Path("flag")  # the flag wins over SM_OUTPUT_DATA_DIR
+
+
+def test_platform_env_redirects_the_artifacts_end_to_end(tmp_path):
+    """Vertex AI's variables move the model, checkpoints and logs; metrics stay in
+    the output dir. A `--model_dir` URI (SageMaker) is accepted and logged."""
+    from tests.conftest import run_tiny_job
+
+    env = {
+        "AIP_MODEL_DIR": str(tmp_path / "model"),
+        "AIP_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "AIP_TENSORBOARD_LOG_DIR": str(tmp_path / "logs"),
+    }
+    result = run_tiny_job(
+        "train", "--epochs", "1", "--output-dir", str(tmp_path / "out"),
+        "--model_dir", "s3://bucket/model", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "s3://bucket/model" in result.stderr
+    assert (tmp_path / "model" / "model.keras").is_file()
+    assert (tmp_path / "model" / "saved_model" / "saved_model.pb").is_file()
+    assert (tmp_path / "checkpoints" / "latest.npz").is_file()
+    assert list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
+    assert (tmp_path / "out" / "metrics.json").is_file()
+    assert not (tmp_path / "out" / "model.keras").exists()
