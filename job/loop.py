@@ -2,8 +2,8 @@
 
 Why not `model.fit`: Keras 3's fit does not work under
 MultiWorkerMirroredStrategy, and on a small model its per-step overhead, not
-arithmetic, dominates. Here one call of a compiled function runs a whole chunk
-of steps (by default an epoch) over the training set held in memory as uint8:
+arithmetic, dominates. Here one call of a compiled function runs a chunk of up
+to MAX_CHUNK_STEPS steps over the training set held in memory as uint8:
 
 - each epoch's shuffle is a [steps, global_batch] index matrix, computed from
   (seed, epoch) alone, so a resumed run sees exactly the batches it would have;
@@ -21,7 +21,6 @@ do not trigger recompilation.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +30,6 @@ import numpy as np
 import tensorflow as tf
 
 from job.checkpoint import TrainState
-
-log = logging.getLogger(__name__)
-
 
 # Steps per compiled call, at most. Longer calls amortise the call overhead
 # better, but a SIGTERM is only seen between calls: 512 steps take ~0.1 s on
