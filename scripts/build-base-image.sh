@@ -13,14 +13,14 @@
 #
 # Arguments / environment:
 #   $1 or BASE_IMAGE    image name:tag to create (default mnist-job-base:bookworm)
-#   DEBIAN_MIRROR       Debian mirror URL (default http://deb.debian.org/debian)
+#   DEBIAN_MIRROR       Debian mirror URL (default: debootstrap's own default)
 #   FORCE=1             rebuild even if the image exists
 # Needs root (debootstrap, chroot), debootstrap and a running Docker engine.
 set -euo pipefail
 
 image="${1:-${BASE_IMAGE:-mnist-job-base:bookworm}}"
 suite=bookworm
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+mirror="${DEBIAN_MIRROR:-}"
 packages="python3 python3-venv python3-pip ca-certificates"
 
 log() { printf 'build-base-image: %s\n' "$*" >&2; }
@@ -47,8 +47,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "debootstrap $suite (minbase) from $mirror"
-debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >/dev/null
+log "debootstrap $suite (minbase) from ${mirror:-the default mirror}"
+debootstrap --variant=minbase "$suite" "$rootfs" ${mirror:+"$mirror"} >/dev/null
+# The mirror actually used, as debootstrap wrote it into the new system.
+mirror="$(awk '$1 == "deb" { print $2; exit }' "$rootfs/etc/apt/sources.list")"
 
 # The same suites as the official Debian images: point-release and security fixes.
 {
