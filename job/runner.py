@@ -45,10 +45,11 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
 
 
 def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float) -> RunResult:
-    is_chief = resolve_cluster(config).is_chief
+    cluster = resolve_cluster(config)
+    is_chief = cluster.is_chief
     if is_chief:
         _prepare_output_dir(config)
-    placement = _set_up(config, strategy)
+    placement = _set_up(config, cluster, strategy)
     import keras
     import tensorflow as tf
 
@@ -180,9 +181,9 @@ def _publish(config, model, optimizer, test_arrays, final, summaries, metrics, s
     )
 
 
-def _set_up(config: TrainConfig, strategy):
+def _set_up(config: TrainConfig, cluster, strategy):
     """Devices, threads and the strategy; checks the batch splits across replicas."""
-    placement = setup(config, strategy)
+    placement = setup(config, cluster, strategy)
     # MultiWorkerMirroredStrategy's runtime installs its own SIGTERM handler
     # (preemption notices), which swallows the signal before Python sees it.
     # Reinstall ours so an evicted worker still checkpoints and stops.

@@ -157,12 +157,11 @@ class Placement:
         return self.strategy_name in ("default", "one-device")
 
 
-def setup(config: TrainConfig, strategy=None) -> Placement:
+def setup(config: TrainConfig, cluster: Cluster, strategy=None) -> Placement:
     """Configure TensorFlow for this run and build the strategy (or use the
     injected one, for tests)."""
     import tensorflow as tf
 
-    cluster = resolve_cluster(config)
     gpus = tf.config.list_physical_devices("GPU")
     if config.device == "cpu" and gpus:
         tf.config.set_visible_devices([], "GPU")
