@@ -5,7 +5,8 @@ Each run is a separate whole process; the variants are interleaved so drift in
 the machine's speed hits both alike. Per variant it reports the median of the
 training loop time, whole-process wall time, peak RSS, training images/s and
 test accuracy, and the ratios seed / mnist-job. Then throughput at several
-batch sizes and with 1 vs 2 local workers.
+batch sizes and with 1 vs 2 local workers, and TensorFlow's own memory floor
+(scripts/memory_floor.py).
 
     python scripts/bench.py                 # the full benchmark, into bench/
     python scripts/bench.py --smoke --out /tmp/bench   # 1 epoch, CI's check
@@ -85,6 +86,16 @@ def steady_throughput(command: list[str], out: Path, epochs: int) -> float:
     return json.loads((out / "metrics.json").read_text())["history"][-1]["images_per_second"]
 
 
+def memory_floor() -> dict:
+    """Peak RSS (MB) of TensorFlow alone, and with one compiled training step."""
+    script = str(ROOT / "scripts" / "memory_floor.py")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return {
+        "import tensorflow": timed([PYTHON, script, "import"], cwd=ROOT, env=env)[1],
+        "one compiled step": timed([PYTHON, script, "step"], cwd=ROOT, env=env)[1],
+    }
+
+
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     meminfo = Path("/proc/meminfo").read_text().splitlines()
@@ -123,6 +134,11 @@ def chart(results: dict, path: Path) -> None:
         bars = ax.bar(["seed", "mnist-job"], [seed[key], job[key]], color=["#999", "#1f77b4"])
         ax.bar_label(bars, fmt="%.1f")
         ax.set_title(f"{title}\n{seed[key] / job[key]:.1f}x less")
+        if key == "peak_rss_mb":
+            floor = results["memory_floor_mb"]["one compiled step"]
+            ax.axhline(floor, color="#d62728", linestyle="--", linewidth=1)
+            ax.annotate("TensorFlow + 1 XLA step", (0.5, floor), xytext=(0, 4),
+                        textcoords="offset points", ha="center", color="#d62728")  # fmt: skip
     scaling = results["batch_scaling"]
     ax = axes[-1]
     ax.bar([str(b) for b in scaling], [v / 1000 for v in scaling.values()], color="#1f77b4")
@@ -155,6 +171,8 @@ def table(results: dict) -> str:
     lines.append(f"\nimages/s by batch size (steady state): {scaling}")
     workers = ", ".join(f"{w}: {v:,.0f}" for w, v in results["workers"].items())
     lines.append(f"images/s by local workers (steady state, global batch 32): {workers}")
+    floor = ", ".join(f"{what}: {mb:.0f} MB" for what, mb in results["memory_floor_mb"].items())
+    lines.append(f"peak RSS without the job's data or artifacts: {floor}")
     return "\n".join(lines)
 
 
@@ -207,6 +225,7 @@ def main() -> int:
             )
             for workers in (1, 2)
         }
+        results["memory_floor_mb"] = memory_floor()
         args.out.mkdir(parents=True, exist_ok=True)
         # A sample of what the job writes, for the README.
         shutil.copy(work / "job" / "predictions.png", args.out / "predictions.png")

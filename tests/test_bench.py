@@ -33,5 +33,10 @@ def test_bench_smoke_writes_results_and_chart(tmp_path):
         assert median["test_accuracy"] > 0.9  # one epoch of real MNIST
     assert set(results["ratios"]) == {"fit_seconds", "wall_seconds", "peak_rss_mb"}
     assert set(results["workers"]) == {"1", "2"}
+    floor = results["memory_floor_mb"]
+    # TensorFlow alone is most of the job's memory; the job holds more on top.
+    assert 0 < floor["import tensorflow"] < floor["one compiled step"]
+    assert floor["one compiled step"] < results["mnist_job"]["median"]["peak_rss_mb"]
+    assert "peak RSS without the job's data or artifacts" in result.stdout
     with Image.open(tmp_path / "results.png") as chart:
         assert chart.format == "PNG"

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""The least memory TensorFlow needs for this job, whatever our code does.
+
+    python scripts/memory_floor.py import   # import tensorflow, nothing else
+    python scripts/memory_floor.py step     # + Keras, the model and one XLA-compiled
+                                            #   training chunk on 64 blank images
+
+`make bench` runs both as separate processes and records their peak RSS next
+to the job's: the job's peak can only be above the second, before it has
+loaded any of MNIST's 55 MB.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def compiled_step() -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from job.config import TrainConfig
+    from job.loop import Trainer, epoch_order
+    from job.model import build_model, build_optimizer
+
+    config = TrainConfig()  # the seed's model, batch and optimizer
+
+    class Blank:
+        size = 64
+        images = tf.constant(np.zeros((size, 28, 28), np.uint8))
+        labels = tf.constant(np.zeros(size, np.int32))
+
+    model = build_model(config.hidden_units)
+    optimizer = build_optimizer(config.learning_rate)
+    optimizer.build(model.trainable_variables)
+    strategy = tf.distribute.get_strategy()
+    trainer = Trainer(model, optimizer, strategy, config.batch_size, jit_compile=True)
+    order = epoch_order(config.seed, 0, Blank.size, config.batch_size)
+    trainer.run_chunk(Blank, order, 0, len(order), stop_requested=False)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["import"]:
+        import tensorflow  # noqa: F401
+    elif sys.argv[1:] == ["step"]:
+        compiled_step()
+    else:
+        sys.exit(__doc__)
