@@ -37,17 +37,13 @@ ENV_VARS = (
 def collect(config: TrainConfig, environ=os.environ) -> dict:
     """Everything `info` reports, as a JSON-ready dict."""
     from job import __version__
-    from job.strategy import cpu_limit, cpu_threads
+    from job.strategy import choose_strategy, cpu_limit, cpu_threads
 
     tensorflow = _tensorflow()
-    cluster = _cluster(config, environ)
+    cluster, cluster_report = _cluster(config, environ)
     strategy = None
-    if "error" not in cluster and "error" not in tensorflow:
-        from job.strategy import choose_strategy, resolve_cluster
-
-        strategy = choose_strategy(
-            "auto", resolve_cluster(config, environ), len(tensorflow["gpus"])
-        )
+    if cluster is not None and "error" not in tensorflow:
+        strategy = choose_strategy("auto", cluster, len(tensorflow["gpus"]))
     return {
         "versions": {
             "python": platform.python_version(),
@@ -63,7 +59,7 @@ def collect(config: TrainConfig, environ=os.environ) -> dict:
         },
         "nvidia_devices": sorted(glob.glob("/dev/nvidia[0-9]*")),
         "strategy_auto": strategy,
-        "cluster": cluster,
+        "cluster": cluster_report,
         "data": _data(config.data_dir),
         "output_dir": _writable(config.output_dir),
         "environment": {name: environ[name] for name in ENV_VARS if name in environ},
@@ -166,14 +162,15 @@ def _tensorflow() -> dict:
     }
 
 
-def _cluster(config: TrainConfig, environ) -> dict:
+def _cluster(config: TrainConfig, environ) -> tuple:
+    """(the resolved Cluster, or None if it cannot be resolved; its report)."""
     from job.strategy import resolve_cluster
 
     try:
         cluster = resolve_cluster(config, environ)
     except JobError as err:
-        return {"error": str(err)}
-    return {
+        return None, {"error": str(err)}
+    return cluster, {
         "source": cluster.source,
         "workers": max(1, cluster.num_workers),
         "task_type": cluster.task_type,

@@ -136,9 +136,9 @@ def _grey(image: Image.Image) -> np.ndarray:
         top = 65535.0 if values.max() > 255 else 255.0
         return np.clip(values / top, 0.0, 1.0)
     if "A" in image.getbands() or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        grey = np.asarray(image.convert("RGBA").convert("L"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3]
+        rgba = image.convert("RGBA")
+        grey = np.asarray(rgba.convert("L"), dtype=np.float32) / 255.0
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
         if alpha.min() < 1.0:
             opaque = alpha > 0.5
             ink_is_dark = not opaque.any() or grey[opaque].mean() < 0.5
