@@ -41,9 +41,6 @@ class Cluster:
             return self.task_type == "chief"
         return self.task_type == "worker" and self.task_index == 0
 
-    def to_tf_config(self) -> dict:
-        return {"cluster": self.spec, "task": {"type": self.task_type, "index": self.task_index}}
-
 
 SINGLE = Cluster(spec={}, task_type="worker", task_index=0, source="single")
 

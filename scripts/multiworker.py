@@ -41,11 +41,11 @@ def main() -> int:
     args = parser.parse_args()
 
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(args.workers)]}
+    command = [*args.command.split(), "train", "--strategy", "multi-worker", *args.train_args]
     workers = []
     for index in range(args.workers):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
-        command = [*args.command.split(), "train", "--strategy", "multi-worker", *args.train_args]
         workers.append(subprocess.Popen(command, env=env))
 
     # Pass SIGTERM/SIGINT on, so stopping the runner checkpoints like a pod eviction.
