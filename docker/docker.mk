@@ -14,6 +14,7 @@ BASE_IMAGE ?= python:3.11-slim-bookworm
 LOCAL_BASE_IMAGE ?= mnist-job-base:bookworm
 EXTRA_CA_CERTS ?=
 FETCH_DATA ?= 1
+PRUNE ?= 1
 DOCKER ?= docker
 DOCKER_BUILD_FLAGS ?=
 
@@ -35,6 +36,7 @@ define docker_build
 	  --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg TF_EXTRA=$(1) \
 	  --build-arg FETCH_DATA=$(FETCH_DATA) \
+	  --build-arg PRUNE=$(PRUNE) \
 	  --build-arg VERSION=$(IMAGE_VERSION) \
 	  --build-arg REVISION=$(IMAGE_REVISION) \
 	  --build-arg SOURCE=$(IMAGE_SOURCE) \
