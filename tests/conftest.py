@@ -31,6 +31,20 @@ def tiny_config(tmp_path) -> TrainConfig:
     )
 
 
+def run_job(
+    *args: str, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run `python -m job ARGS` from the repository root, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
 def run_tiny_job(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI on tiny data in a subprocess (see tests/tiny_job.py)."""
     return subprocess.run(

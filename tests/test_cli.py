@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,19 +10,7 @@ from pathlib import Path
 import pytest
 
 from job.cli import _apply_platform_env
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def mnist_job(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "job", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+from tests.conftest import run_job
 
 
 def test_help_is_fast_and_does_not_import_tensorflow():
@@ -44,7 +31,7 @@ def test_help_is_fast_and_does_not_import_tensorflow():
 
 
 def test_train_help_documents_every_option_with_env_var_and_exit_codes():
-    result = mnist_job("train", "--help")
+    result = run_job("train", "--help")
     assert result.returncode == 0
     for option in ("--epochs", "--batch-size", "--learning-rate", "--hidden-units", "--seed",
                    "--output-dir", "--data-dir", "--max-train-samples", "--num-images",
@@ -70,7 +57,7 @@ def test_train_help_documents_every_option_with_env_var_and_exit_codes():
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, env, names):
-    result = mnist_job("train", *args, env=env)
+    result = run_job("train", *args, env=env)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 
 from job import checkpoint
+from tests.conftest import ROOT
 from tests.docker_helpers import (
     CONTAINER_UID,
     detached,
     docker_run,
     exit_code,
+    logs,
     missing_artifacts,
     require_image,
     run_in_image,
@@ -35,7 +37,6 @@ from tests.docker_helpers import (
 
 pytestmark = pytest.mark.docker
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 QUICK = ("--epochs", "1", "--max-train-samples", "2000")
 NO_GPU_LOG = "No GPU is visible to TensorFlow: training on CPU"
@@ -240,9 +241,7 @@ def test_docker_stop_checkpoints_and_rerun_resumes(cpu_image, tmp_path):
     with detached(cpu_image, "train", "--epochs", "1000", *many, volumes={out: "/outputs"}) as name:
         wait_for_log(name, "epoch 2/1000", timeout=300)
         subprocess.run(["docker", "stop", "--time", "60", name], check=True, capture_output=True)
-        log = subprocess.run(
-            ["docker", "logs", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ).stdout
+        log = logs(name)
         assert exit_code(name) == 143, log  # 137 would mean SIGKILL after the grace period
     assert "stopped by SIGTERM" in log
     assert not (out / "metrics.json").exists()

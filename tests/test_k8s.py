@@ -27,8 +27,8 @@ from job.config import TrainConfig
 from job.errors import ExitCode
 from job.strategy import resolve_cluster
 from tests import kubelet
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 JOB_FILES = ["job.yaml", "job-gpu.yaml", "multi-worker.yaml"]

@@ -4,9 +4,6 @@ mode and file format, prepared as MNIST was; unreadable files fail alone."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,21 +14,10 @@ from job.config import TrainConfig
 from job.data import Mnist
 from job.predict import BadImage, predict_files, preprocess, read_image
 from job.runner import run
-from tests.conftest import ROOT
+from tests.conftest import run_job
 from tests.digits import dataset, render
 
 FORMATS = ("PNG", "JPEG", "BMP")
-
-
-def mnist_job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "job", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=os.environ,
-        timeout=120,
-    )
 
 
 def preprocessed(pairs) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +129,7 @@ def test_bad_files_fail_alone(mixed_files):
 def test_cli_prints_good_files_and_one_error_line_per_bad_file(model_dir, mixed_files, tmp_path):
     good, bad = mixed_files
     files = [str(p) for p in (good[0], *bad, good[1])]
-    result = mnist_job("predict", "--model", str(model_dir), *files)
+    result = run_job("predict", "--model", str(model_dir), *files)
     assert result.returncode == 3, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [str(good[0]), str(good[1])]
@@ -156,7 +142,7 @@ def test_cli_prints_good_files_and_one_error_line_per_bad_file(model_dir, mixed_
     assert "Traceback" not in result.stderr
 
     saved = tmp_path / "seen"
-    result = mnist_job(
+    result = run_job(
         "predict", "--model", str(model_dir / "model.keras"), "--json",
         "--save-preprocessed", str(saved), *files,
     )  # fmt: skip
@@ -176,7 +162,7 @@ def test_cli_prints_good_files_and_one_error_line_per_bad_file(model_dir, mixed_
 
 def test_all_good_files_exit_0(model_dir, mixed_files):
     good, _ = mixed_files
-    result = mnist_job("predict", "--model", str(model_dir), *map(str, good))
+    result = run_job("predict", "--model", str(model_dir), *map(str, good))
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 2
 
@@ -186,7 +172,7 @@ def test_missing_or_invalid_model_is_one_line_exit_2(tmp_path, mixed_files, cont
     model = tmp_path / "model.keras"
     if content is not None:
         model.write_bytes(content)
-    result = mnist_job("predict", "--model", str(model), str(mixed_files[0][0]))
+    result = run_job("predict", "--model", str(model), str(mixed_files[0][0]))
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job")]
     assert len(errors) == 1 and str(model) in errors[0], result.stderr
@@ -199,13 +185,7 @@ def test_the_seed_model_trained_on_mnist_reads_generated_digits(tmp_path):
     """Predict prepares images as MNIST was made: the seed's model, trained on
     MNIST alone, reads font digits it never saw. Then evaluate agrees with train."""
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "job", "train", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
+    done = run_job("train", "--output-dir", str(out), timeout=900)
     assert done.returncode == 0, done.stderr
     paths, labels = [], []
     for i, (image, label) in enumerate(dataset(300, seed=5)):
@@ -213,12 +193,12 @@ def test_the_seed_model_trained_on_mnist_reads_generated_digits(tmp_path):
         paths.append(str(tmp_path / f"{i:03d}.{kind.lower()}"))
         image.save(paths[-1], format=kind)
         labels.append(label)
-    done = mnist_job("predict", "--model", str(out), "--json", *paths)
+    done = run_job("predict", "--model", str(out), "--json", *paths)
     assert done.returncode == 0, done.stderr
     predicted = [entry["digit"] for entry in json.loads(done.stdout)]
     assert np.mean(np.array(predicted) == labels) >= 0.85  # 0.92-0.94 measured
 
-    done = mnist_job("evaluate", "--model", str(out / "model.keras"), "--json")
+    done = run_job("evaluate", "--model", str(out / "model.keras"), "--json")
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(done.stdout)["accuracy"] == pytest.approx(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from PIL import Image
 
 from job.config import TrainConfig
 from job.runner import run
+from scripts.multiworker import free_ports
 
 TENSORBOARD = Path(sys.executable).with_name("tensorboard")
 RUNS = ("tensorboard", "tensorboard/train", "tensorboard/validation")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -61,7 +55,7 @@ def finished(tmp_path_factory, tiny):
 def tensorboard(finished):
     """`make tensorboard`'s command on the run's output dir, until it has read every run."""
     config, _ = finished
-    port = free_port()
+    (port,) = free_ports(1)
     command = [str(TENSORBOARD), "--logdir", str(config.output_dir), "--host", "127.0.0.1",
                "--port", str(port), "--reload_interval", "1"]  # fmt: skip
     log = config.output_dir.parent / "tensorboard.log"  # a file: a full pipe would block it
