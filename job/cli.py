@@ -345,7 +345,7 @@ def info(as_json: bool, **options) -> None:
 
 @cli.group()
 def data() -> None:
-    """Fetch or check the MNIST cache (the Docker build uses these)."""
+    """Fill or check the MNIST cache, e.g. before going offline."""
 
 
 @data.command()
