@@ -7,12 +7,13 @@ strategy (`datasets=`, `strategy=`), as tensorflow/models' runners do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import platform
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,11 +41,13 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     tf.distribute.Strategy to use instead of the one `config.strategy` names.
     """
     started = time.perf_counter()
-    with _sigterm_flag() as stop_requested:
-        return _run(config, datasets, strategy, stop_requested, started)
+    with _sigterm_flag() as stop_requested, _collector_paused() as startup_done:
+        return _run(config, datasets, strategy, stop_requested, started, startup_done)
 
 
-def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float) -> RunResult:
+def _run(
+    config: TrainConfig, datasets, strategy, stop_requested, started: float, startup_done
+) -> RunResult:
     cluster = resolve_cluster(config)
     is_chief = cluster.is_chief
     if is_chief:
@@ -91,6 +94,7 @@ def _run(config: TrainConfig, datasets, strategy, stop_requested, started: float
     events = _TrainingEvents(config, model, optimizer, summaries, steps_per_epoch, is_chief)
     events.progress.update(state.epoch, state.step)
 
+    startup_done()
     fit_started = time.perf_counter()
     finished = trainer.fit(
         train,
@@ -405,6 +409,34 @@ def _log_placement(placement, config: TrainConfig) -> None:
             "config": config.to_dict(),
         },
     )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[Callable[[], None]]:
+    """Python's cycle collector, off while the run starts up.
+
+    Importing TensorFlow and Keras and building the model create ~500,000
+    objects that live as long as the process. Each automatic full collection
+    walked all of them again and freed nothing: 0.4 s of start-up and 0.15 s of
+    writing artifacts on 2 cores. So the collector is off until training
+    starts; `startup_done()` then freezes what exists (later collections skip
+    it) and turns the collector back on for whatever training creates. On the
+    way out the frozen objects are unfrozen, so that a process running several
+    jobs (the tests) can still collect them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+
+    def startup_done() -> None:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+    try:
+        yield startup_done
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

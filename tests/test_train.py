@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import keras
@@ -112,6 +113,16 @@ def test_finished_run_is_not_overwritten_without_flag(finished_run, tiny):
     with pytest.raises(ConfigError, match="--overwrite"):
         run(config, datasets=tiny)
     assert (config.output_dir / "metrics.json").read_bytes() == before
+
+
+def test_run_leaves_the_garbage_collector_as_it_found_it(finished_run, tiny):
+    # run() pauses the collector while TensorFlow starts up; a program that runs
+    # several jobs in one process gets it back, whether the run finished or failed.
+    config, _, _ = finished_run
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(ConfigError):
+        run(config, datasets=tiny)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_overwrite_replaces_a_finished_run(tmp_path, tiny, tiny_config):
