@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - numpy 1.x
 log = logging.getLogger(__name__)
 
 MNIST_FILENAME = "mnist.npz"
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10  # the digits 0-9
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -164,8 +166,9 @@ def _check_content(mnist: Mnist, source: MnistSource) -> None:
     for x, y in ((mnist.x_train, mnist.y_train), (mnist.x_test, mnist.y_test)):
         if x.dtype != np.uint8 or y.dtype != np.uint8:
             raise _Invalid(f"dtypes {x.dtype}/{y.dtype}, expected uint8")
-        if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != x.shape[:1]:
-            raise _Invalid(f"shapes {x.shape}/{y.shape}, expected (n, 28, 28)/(n,)")
+        if x.shape[1:] != IMAGE_SHAPE or y.shape != x.shape[:1]:
+            expected = f"(n, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]})/(n,)"
+            raise _Invalid(f"shapes {x.shape}/{y.shape}, expected {expected}")
     digest = hashlib.sha256()
     for key in _KEYS:  # the C-order buffer equals .tobytes() without the copy
         digest.update(np.ascontiguousarray(getattr(mnist, key)))
@@ -287,7 +290,7 @@ def _pixels(x: np.ndarray) -> np.ndarray:
     if x.dtype.kind != "f":
         raise ValueError(f"pixels are {x.dtype}, expected floats")
     x *= 256  # in place: the float copy of the training set alone is 188 MB
-    return np.rint(x, out=x).astype(np.uint8).reshape(-1, 28, 28)
+    return np.rint(x, out=x).astype(np.uint8).reshape(-1, *IMAGE_SHAPE)
 
 
 def _check_sha256(path: Path, expected: str, name: str) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from job.data import NUM_CLASSES
+
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 EPSILON = 1e-7  # Keras clips probabilities to [eps, 1 - eps] before the log
 GALLERY_SIZE = 25  # panels in misclassified.png: the most confident mistakes
 FIGURE_NAMES = ("confusion_matrix", "misclassified")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import keras
 
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28)
+from job.data import IMAGE_SHAPE, NUM_CLASSES
 
 
 def build_model(hidden_units: tuple[int, ...] = (128, 64)) -> keras.Sequential:
