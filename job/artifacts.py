@@ -36,12 +36,23 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    _fsync_dir(target.parent)
 
 
 def _fsync(path: Path) -> None:
     if path.is_file():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in `path` (not every filesystem supports this)."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def write_bytes(target: Path, data: bytes) -> None:
@@ -65,14 +76,22 @@ def export_saved_model(model, target: Path) -> None:
         model.export(tmp, format="tf_saved_model", verbose=False)
 
 
-def ensure_writable_dir(path: Path, what: str) -> None:
-    """Fail early, before any training, if `path` cannot take our files."""
+def unwritable_reason(path: Path) -> str | None:
+    """Why directory `path` (created if missing) cannot take our files, or None."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise ConfigError(f"{what} {path} is not writable: {err.strerror or err}") from None
+        return str(err.strerror or err)
+    return None
+
+
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Fail early, before any training, if `path` cannot take our files."""
+    reason = unwritable_reason(path)
+    if reason:
+        raise ConfigError(f"{what} {path} is not writable: {reason}")
 
 
 def model_file(path: Path) -> Path:
@@ -96,7 +115,7 @@ def load_model(path: Path):
         )
     import keras
 
-    from job.model import IMAGE_SHAPE, NUM_CLASSES
+    from job.data import IMAGE_SHAPE, NUM_CLASSES
 
     try:
         model = keras.saving.load_model(target, compile=False)

@@ -14,9 +14,7 @@ import hashlib
 import http.client
 import io
 import logging
-import os
 import pickle
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from job.artifacts import atomic_path, unwritable_reason
 from job.config import default_data_dir  # noqa: F401  (re-exported)
 from job.errors import DataError
 
@@ -138,15 +137,11 @@ def _ensure(data_dir: Path, source: MnistSource) -> Mnist:
 
 def _prepare_dir(data_dir: Path) -> None:
     # Fail early, naming the directory, rather than after a download.
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=data_dir):
-            pass
-    except OSError as e:
+    reason = unwritable_reason(data_dir)
+    if reason:
         raise DataError(
-            f"cannot write to data directory {data_dir} ({e.strerror or e}):"
-            " choose a writable --data-dir"
-        ) from e
+            f"cannot write to data directory {data_dir} ({reason}): choose a writable --data-dir"
+        )
 
 
 def _read_verified(path: Path, source: MnistSource) -> Mnist:
@@ -302,35 +297,17 @@ def _check_sha256(path: Path, expected: str, name: str) -> None:
 
 @contextlib.contextmanager
 def _staged(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside target; on success fsync it and move it into place.
-
-    Readers see the old file or the complete new one, never a partial one, and
-    concurrent fetchers (several workers on one volume) cannot corrupt each other.
-    """
-    tmp = None
+    """artifacts.atomic_path, with write failures as DataError: readers see the
+    old cache or the complete new one, and concurrent fetchers (several workers
+    on one volume) each write their own temporary."""
     try:
-        # Not mkstemp: its 0600 mode would hide a shared cache from other users; 0666 & umask.
-        name = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        tmp = name
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            yield tmp
     except OSError as e:  # disk full, permissions: no other source would do better
         raise DataError(
             f"cannot write {target} ({e.strerror or e}): free some space or"
             " choose another --data-dir"
         ) from e
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # persist the rename; not supported everywhere
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _one_line(e: object) -> str:
