@@ -18,6 +18,17 @@ def tiny():
     return tiny_mnist()
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny):
+    """(config, RunResult) of one finished 2-epoch run on the tiny data, shared
+    by the tests that only read its outputs."""
+    from job.runner import run
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    config = TrainConfig(epochs=2, output_dir=out, num_images=3, strategy="default")
+    return config, run(config, datasets=tiny)
+
+
 @pytest.fixture
 def tiny_config(tmp_path) -> TrainConfig:
     """A config that trains in about a second on the tiny data."""

@@ -11,21 +11,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from job.config import TrainConfig
 from job.errors import ConfigError
 from job.evaluate import evaluate, report
-from job.runner import run
 from tests.conftest import run_tiny_job
 
 # plots.CONFUSION_MATRIX_INCHES and GALLERY_INCHES at 100 dpi.
 SIZES = {"confusion_matrix.png": (700, 600), "misclassified.png": (800, 1100)}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny):
-    out = tmp_path_factory.mktemp("evaluate") / "run"
-    config = TrainConfig(epochs=2, output_dir=out, num_images=3, strategy="default")
-    return config, run(config, datasets=tiny)
 
 
 def assert_figures(directory) -> None:
@@ -34,8 +25,8 @@ def assert_figures(directory) -> None:
             assert image.format == "PNG" and image.size == size, name
 
 
-def test_train_writes_both_figures_and_logs_them_to_tensorboard(trained):
-    config, _ = trained
+def test_train_writes_both_figures_and_logs_them_to_tensorboard(finished_run):
+    config, _ = finished_run
     assert_figures(config.output_dir)
     tags = set()
     for path in (config.tensorboard_path / "validation").glob("events.out.tfevents.*"):
@@ -44,8 +35,8 @@ def test_train_writes_both_figures_and_logs_them_to_tensorboard(trained):
     assert {"confusion_matrix", "misclassified", "predictions"} <= tags
 
 
-def test_numbers_match_keras_evaluate(trained, tiny, tmp_path):
-    config, result = trained
+def test_numbers_match_keras_evaluate(finished_run, tiny, tmp_path):
+    config, result = finished_run
     found, paths = evaluate(config.output_dir, None, tmp_path / "eval", datasets=tiny)
 
     model = keras.saving.load_model(config.model_path)  # compiled as the seed compiled it
@@ -84,9 +75,9 @@ def test_missing_model_is_a_config_error(tmp_path, tiny):
         evaluate(tmp_path, None, tmp_path / "eval", datasets=tiny)
 
 
-def test_cli_json_and_text(trained, tmp_path):
+def test_cli_json_and_text(finished_run, tmp_path):
     # The real CLI in a subprocess, with the tiny data in place of MNIST.
-    config, result = trained
+    config, result = finished_run
     out = tmp_path / "figures"
     done = run_tiny_job("evaluate", "--model", str(config.output_dir), "--output-dir", str(out),
                         "--json")  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from job.errors import ExitCode
 from job.strategy import resolve_cluster
 from tests import kubelet
 from tests.conftest import ROOT
+from tests.docker_helpers import require_image
 
 K8S = ROOT / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
@@ -413,32 +413,26 @@ def test_kubelet_docker_run_mirrors_the_pod_spec(tmp_path):
 # -- as a kubelet would run them (docker) -------------------------------------------
 
 
-def _docker_ready(*images: str) -> None:
-    """Skip (CI turns that into a failure) unless docker runs and has the images."""
-    if shutil.which(kubelet.DOCKER) is None:
-        pytest.skip("no docker client on PATH")
-    info = subprocess.run([kubelet.DOCKER, "info"], capture_output=True, text=True)
-    if info.returncode:
-        pytest.skip(f"no Docker engine answers (`docker info`: {info.stderr.strip()[:200]})")
-    for image in images:
-        image = kubelet.image_for(image)
-        found = subprocess.run(
-            [kubelet.DOCKER, "image", "inspect", image], capture_output=True, text=True
-        )
-        if found.returncode:
-            pytest.skip(f"image {image} is not built (make docker)")
-
-
 def _assert_artifacts(volume: Path) -> dict:
     missing = [name for name in ARTIFACTS if not (volume / name).exists()]
     assert not missing, f"missing on the volume: {missing}"
     return json.loads((volume / "metrics.json").read_text())
 
 
+def _assert_resumed_and_finished(volume: Path, logs: list[str], epochs: int) -> None:
+    """Every pod resumed from a checkpoint taken after epoch 1, and the run finished."""
+    for log in logs:
+        resumed = re.search(r"Resuming from \S+: epoch (\d+), step (\d+)", log)
+        assert resumed and (int(resumed.group(1)), int(resumed.group(2))) > (1, 0), log[-2000:]
+    metrics = _assert_artifacts(volume)
+    assert len(metrics["history"]) == epochs
+    assert metrics["resumed_from"] is not None
+
+
 @pytest.fixture(scope="module")
 def finished_volume(tmp_path_factory) -> Path:
     """k8s/job.yaml run to completion as its pod, on a fresh volume."""
-    _docker_ready("mnist-job:cpu")
+    require_image("cpu")
     job = job_of("job.yaml")
     volume = kubelet.prepare_volume(tmp_path_factory.mktemp("k8s") / "pvc", job)
     pod = kubelet.pod(job, {"mnist-job-outputs": volume}, env=SMALL_RUN)
@@ -461,7 +455,7 @@ def test_job_pod_completes_with_artifacts_on_the_volume(finished_volume):
 
 @pytest.mark.docker
 def test_tensorboard_pod_serves_the_jobs_logs(finished_volume):
-    _docker_ready("mnist-job:cpu")
+    require_image("cpu")
     deployment = kubelet.find(objects("tensorboard.yaml"), "Deployment")
     pod = kubelet.pod(deployment, {"mnist-job-outputs": finished_volume})
     # Probed from inside the pod, on its loopback: no host networking needed.
@@ -488,7 +482,7 @@ def test_tensorboard_pod_serves_the_jobs_logs(finished_volume):
 def test_fetch_pod_hands_out_the_model_as_kubectl_cp_takes_it(finished_volume, tmp_path):
     """k8s/fetch-outputs.yaml: `kubectl cp pod:/outputs ./outputs` runs
     `tar cf - /outputs` in the pod; the same here gives back the model."""
-    _docker_ready("mnist-job:cpu")
+    require_image("cpu")
     fetch = kubelet.find(objects("fetch-outputs.yaml"), "Pod")
     pod = kubelet.pod(fetch, {"mnist-job-outputs": finished_volume})
     with kubelet.running(pod):
@@ -511,7 +505,7 @@ def test_preempted_pod_checkpoints_and_its_replacement_resumes(tmp_path):
     """Eviction as a kubelet does it (SIGTERM, SIGKILL after the grace period)
     mid-run; the replacement pod, same spec and volume, resumes and finishes.
     All 60k images, 10 epochs, so that it is still training when stopped."""
-    _docker_ready("mnist-job:cpu")
+    require_image("cpu")
     job = job_of("job.yaml")
     volume = kubelet.prepare_volume(tmp_path / "pvc", job)
     env = {"MNIST_JOB_EPOCHS": "10"}
@@ -532,12 +526,7 @@ def test_preempted_pod_checkpoints_and_its_replacement_resumes(tmp_path):
         code = replacement.wait(timeout=240)
         log = replacement.logs()
     assert code == 0, log[-3000:]
-    resumed = re.search(r"Resuming from \S+: epoch (\d+), step (\d+)", log)
-    assert resumed, log[-3000:]
-    assert (int(resumed.group(1)), int(resumed.group(2))) > (1, 0)
-    metrics = _assert_artifacts(volume)
-    assert len(metrics["history"]) == 10
-    assert metrics["resumed_from"] is not None
+    _assert_resumed_and_finished(volume, [log], epochs=10)
 
 
 @pytest.mark.docker
@@ -545,7 +534,7 @@ def test_preempted_pod_checkpoints_and_its_replacement_resumes(tmp_path):
 def test_indexed_job_workers_find_each_other_and_train(tmp_path):
     """k8s/multi-worker.yaml: one container per completion index on a network
     where each is <job>-<i>.<service>; all exit 0, the chief writes."""
-    _docker_ready("mnist-job:cpu")
+    require_image("cpu")
     job = job_of("multi-worker.yaml")
     workers = job["spec"]["completions"]
     volume = kubelet.prepare_volume(tmp_path / "pvc", job)
@@ -588,7 +577,7 @@ def test_lost_worker_restarts_the_group_from_the_checkpoint(
     """One worker of k8s/multi-worker.yaml lost mid-run: the other one ends
     too, with the exit code the podFailurePolicy expects; the replacement
     pods (the Job controller replaces every index) resume and finish."""
-    _docker_ready("mnist-job:cpu")
+    require_image("cpu")
     job = job_of("multi-worker.yaml")
     workers = job["spec"]["completions"]
     volume = kubelet.prepare_volume(tmp_path / "pvc", job)
@@ -626,19 +615,14 @@ def test_lost_worker_restarts_the_group_from_the_checkpoint(
             codes = [p.wait(timeout=300) for p in replacements]
             logs = [p.logs() for p in replacements]
     assert codes == [0] * workers, "\n\n".join(log[-2000:] for log in logs)
-    for log in logs:
-        resumed = re.search(r"Resuming from \S+: epoch (\d+), step (\d+)", log)
-        assert resumed and (int(resumed.group(1)), int(resumed.group(2))) > (1, 0), log[-2000:]
-    metrics = _assert_artifacts(volume)
-    assert len(metrics["history"]) == 10
-    assert metrics["resumed_from"] is not None
+    _assert_resumed_and_finished(volume, logs, epochs=10)
 
 
 @pytest.mark.docker
 def test_gpu_job_on_a_node_without_gpu_fails_the_job(tmp_path):
     """The CUDA image where TensorFlow sees no GPU: exit 4 at once, and the
     podFailurePolicy fails the Job rather than retrying or training on CPU."""
-    _docker_ready("mnist-job:cuda")
+    require_image("cuda")
     job = job_of("job-gpu.yaml")
     volume = kubelet.prepare_volume(tmp_path / "pvc", job)
     pod = kubelet.pod(job, {"mnist-job-gpu-outputs": volume}, env=SMALL_RUN)

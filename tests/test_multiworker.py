@@ -20,23 +20,28 @@ pytestmark = pytest.mark.slow
 TRAIN = "960"  # 30 steps of the global batch 32 per epoch
 
 
-def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
+def start_two_workers(*train_args: str, env: dict | None = None) -> list[subprocess.Popen]:
+    """Two tiny-job workers of one cluster on loopback; "{index}" in an argument
+    becomes each worker's index."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     workers = []
     for index in range(2):
-        env = {
-            **os.environ,
-            "TF_CONFIG": json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            ),
-            "TINY_JOB_WEIGHTS": str(tmp_path / "weights-{index}.npz"),
-            "TINY_JOB_TRAIN": TRAIN,
-        }
-        command = [sys.executable, str(ROOT / "tests" / "tiny_job.py"), "train", "--epochs", "3",
-                   "--output-dir", str(tmp_path / f"out-{index}")]  # fmt: skip
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        worker_env = {**os.environ, **(env or {}), "TF_CONFIG": json.dumps(tf_config),
+                      "TINY_JOB_TRAIN": TRAIN}  # fmt: skip
+        args = [arg.replace("{index}", str(index)) for arg in train_args]
+        command = [sys.executable, str(ROOT / "tests" / "tiny_job.py"), "train", *args]
         workers.append(
-            subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            subprocess.Popen(command, env=worker_env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         )
+    return workers
+
+
+def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
+    workers = start_two_workers(
+        "--epochs", "3", "--output-dir", str(tmp_path / "out-{index}"),
+        env={"TINY_JOB_WEIGHTS": str(tmp_path / "weights-{index}.npz")},
+    )  # fmt: skip
     logs = [worker.communicate(timeout=300)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], logs
 
@@ -78,31 +83,9 @@ def test_local_runner_script_completes_one_output_dir(tmp_path):
 
 
 def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_path):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     out = tmp_path / "out"
-
-    def start_workers():
-        workers = []
-        for index in range(2):
-            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TINY_JOB_TRAIN": TRAIN}
-            command = [
-                sys.executable,
-                str(ROOT / "tests" / "tiny_job.py"),
-                "train",
-                "--epochs",
-                "100",
-                "--checkpoint-every",
-                "10",
-                "--output-dir",
-                str(out),
-            ]
-            workers.append(
-                subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-            )
-        return workers
-
-    workers = start_workers()
+    train_args = ("--epochs", "100", "--checkpoint-every", "10", "--output-dir", str(out))
+    workers = start_two_workers(*train_args)
     checkpoint = out / "checkpoints" / "latest.npz"
     deadline = time.monotonic() + 120
     while not checkpoint.exists():
@@ -113,7 +96,7 @@ def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_p
     assert [worker.returncode for worker in workers] == [143, 143], logs
     assert not (out / "metrics.json").exists()
 
-    workers = start_workers()
+    workers = start_two_workers(*train_args)
     logs = [worker.communicate(timeout=300)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], logs
     assert "Resuming from" in logs[0] and "Resuming from" in logs[1]

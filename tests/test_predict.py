@@ -83,15 +83,20 @@ def test_blank_image_is_a_bad_image():
         preprocess(Image.new("L", (50, 50), 200))
 
 
-def test_generated_digits_are_classified_correctly(model_dir, tmp_path):
-    """Held-out digits in every size, position, polarity, colour mode and format."""
-    pairs = dataset(200, seed=3)
+def save_in_every_format(pairs, directory) -> tuple[list, list]:
+    """Save (image, label) pairs as files, cycling through FORMATS; (paths, labels)."""
     paths, labels = [], []
     for i, (image, label) in enumerate(pairs):
         kind = FORMATS[i % len(FORMATS)]
-        paths.append(tmp_path / f"{i:03d}.{kind.lower()}")
+        paths.append(directory / f"{i:03d}.{kind.lower()}")
         image.save(paths[-1], format=kind)
         labels.append(label)
+    return paths, labels
+
+
+def test_generated_digits_are_classified_correctly(model_dir, tmp_path):
+    """Held-out digits in every size, position, polarity, colour mode and format."""
+    paths, labels = save_in_every_format(dataset(200, seed=3), tmp_path)
     results = predict_files(load_model(model_dir), paths)
     predicted = np.array([r.digit for r in results])
     accuracy = (predicted == np.array(labels)).mean()
@@ -187,13 +192,8 @@ def test_the_seed_model_trained_on_mnist_reads_generated_digits(tmp_path):
     out = tmp_path / "out"
     done = run_job("train", "--output-dir", str(out), timeout=900)
     assert done.returncode == 0, done.stderr
-    paths, labels = [], []
-    for i, (image, label) in enumerate(dataset(300, seed=5)):
-        kind = FORMATS[i % len(FORMATS)]
-        paths.append(str(tmp_path / f"{i:03d}.{kind.lower()}"))
-        image.save(paths[-1], format=kind)
-        labels.append(label)
-    done = run_job("predict", "--model", str(out), "--json", *paths)
+    paths, labels = save_in_every_format(dataset(300, seed=5), tmp_path)
+    done = run_job("predict", "--model", str(out), "--json", *map(str, paths))
     assert done.returncode == 0, done.stderr
     predicted = [entry["digit"] for entry in json.loads(done.stdout)]
     assert np.mean(np.array(predicted) == labels) >= 0.85  # 0.92-0.94 measured

@@ -37,25 +37,16 @@ def image_tags(log_dir) -> set[str]:
     return tags
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny):
-    from job.config import TrainConfig
-
-    out = tmp_path_factory.mktemp("run") / "out"
-    config = TrainConfig(epochs=2, output_dir=out, num_images=3, strategy="default")
-    return config, run(config, datasets=tiny), tiny
-
-
 def test_writes_every_artifact(finished_run):
-    config, _, _ = finished_run
+    config, _ = finished_run
     out = config.output_dir
     for name in ("model.keras", "saved_model", "tensorboard", "predictions.png", "metrics.json"):
         assert (out / name).exists(), name
     assert not list(out.glob(".*")), "temporary files left behind"
 
 
-def test_model_keras_reloads_and_predicts_the_same(finished_run):
-    config, result, tiny = finished_run
+def test_model_keras_reloads_and_predicts_the_same(finished_run, tiny):
+    config, result = finished_run
     images = tiny.x_test.astype(np.float32) / 255.0
     reloaded = keras.models.load_model(config.output_dir / "model.keras")
     np.testing.assert_allclose(
@@ -66,8 +57,8 @@ def test_model_keras_reloads_and_predicts_the_same(finished_run):
     assert accuracy == pytest.approx(result.metrics["test"]["accuracy"], abs=1e-6)
 
 
-def test_saved_model_serves_class_probabilities(finished_run):
-    config, result, tiny = finished_run
+def test_saved_model_serves_class_probabilities(finished_run, tiny):
+    config, result = finished_run
     images = tiny.x_test[:7].astype(np.float32) / 255.0
     serving = tf.saved_model.load(str(config.output_dir / "saved_model"))
     probabilities = serving.serve(tf.constant(images)).numpy()
@@ -77,7 +68,7 @@ def test_saved_model_serves_class_probabilities(finished_run):
 
 
 def test_tensorboard_has_per_epoch_scalars_and_the_prediction_panel(finished_run):
-    config, _, _ = finished_run
+    config, _ = finished_run
     logs = config.output_dir / "tensorboard"
     for run_name in ("train", "validation"):
         found = scalars(logs / run_name)
@@ -87,14 +78,14 @@ def test_tensorboard_has_per_epoch_scalars_and_the_prediction_panel(finished_run
 
 
 def test_predictions_png_has_one_panel_per_image(finished_run):
-    config, _, _ = finished_run
+    config, _ = finished_run
     with Image.open(config.output_dir / "predictions.png") as image:
         assert image.format == "PNG"
         assert image.size == (600, 400)  # 2 inches a panel at 100 dpi, 3 panels
 
 
 def test_metrics_json_records_the_run(finished_run):
-    config, result, _ = finished_run
+    config, result = finished_run
     metrics = json.loads((config.output_dir / "metrics.json").read_text())
     assert metrics["config"]["epochs"] == 2
     assert [record["epoch"] for record in metrics["history"]] == [1, 2]
@@ -108,7 +99,7 @@ def test_metrics_json_records_the_run(finished_run):
 
 
 def test_finished_run_is_not_overwritten_without_flag(finished_run, tiny):
-    config, _, _ = finished_run
+    config, _ = finished_run
     before = (config.output_dir / "metrics.json").read_bytes()
     with pytest.raises(ConfigError, match="--overwrite"):
         run(config, datasets=tiny)
@@ -118,7 +109,7 @@ def test_finished_run_is_not_overwritten_without_flag(finished_run, tiny):
 def test_run_leaves_the_garbage_collector_as_it_found_it(finished_run, tiny):
     # run() pauses the collector while TensorFlow starts up; a program that runs
     # several jobs in one process gets it back, whether the run finished or failed.
-    config, _, _ = finished_run
+    config, _ = finished_run
     assert gc.isenabled() and gc.get_freeze_count() == 0
     with pytest.raises(ConfigError):
         run(config, datasets=tiny)
@@ -142,10 +133,16 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path, tiny, tiny_config):
         run(tiny_config.replace(output_dir=blocker / "out"), datasets=tiny)
 
 
+def cut_short_after_one_epoch(config, tiny):
+    """Run one epoch of `config`, then pretend the run was cut short there:
+    its checkpoint stays, its metrics.json (the "finished" mark) goes."""
+    first = run(config.replace(epochs=1), datasets=tiny)
+    (config.output_dir / "metrics.json").unlink()
+    return first
+
+
 def test_resumes_from_checkpoint_without_retraining(tmp_path, tiny, tiny_config):
-    first = run(tiny_config.replace(epochs=1), datasets=tiny)
-    # Pretend that run was cut short after its first epoch: no metrics.json.
-    (tiny_config.output_dir / "metrics.json").unlink()
+    first = cut_short_after_one_epoch(tiny_config, tiny)
     resumed = run(tiny_config.replace(epochs=3), datasets=tiny)
     assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
     assert resumed.metrics["history"][0] == first.metrics["history"][0]
@@ -155,8 +152,7 @@ def test_resumes_from_checkpoint_without_retraining(tmp_path, tiny, tiny_config)
 
 
 def test_resume_refuses_changed_settings(tmp_path, tiny, tiny_config):
-    run(tiny_config.replace(epochs=1), datasets=tiny)
-    (tiny_config.output_dir / "metrics.json").unlink()
+    cut_short_after_one_epoch(tiny_config, tiny)
     with pytest.raises(ConfigError, match="batch_size"):
         run(tiny_config.replace(batch_size=16), datasets=tiny)
 
@@ -181,7 +177,7 @@ def test_max_train_samples_limits_the_steps(tmp_path, tiny, tiny_config):
     assert result.metrics["throughput"]["train_images_per_second"] > 0
 
 
-def test_checkpoint_every_writes_mid_epoch_checkpoints(tmp_path, tiny, tiny_config):
+def test_checkpoint_every_writes_mid_epoch_checkpoints(tmp_path, tiny, tiny_config, monkeypatch):
     from job import checkpoint
 
     saved = []
@@ -191,26 +187,21 @@ def test_checkpoint_every_writes_mid_epoch_checkpoints(tmp_path, tiny, tiny_conf
         saved.append((state.epoch, state.step))
         real_save(path, weights, optimizer_values, state)
 
-    checkpoint.save = spy
-    try:
-        run(tiny_config.replace(epochs=1, checkpoint_every=4), datasets=tiny)
-    finally:
-        checkpoint.save = real_save
+    monkeypatch.setattr(checkpoint, "save", spy)
+    run(tiny_config.replace(epochs=1, checkpoint_every=4), datasets=tiny)
     # 320 images / 32 = 10 steps: checkpoints at steps 4 and 8, then the epoch end.
     assert saved == [(0, 4), (0, 8), (1, 0)]
 
 
 def test_overwrite_still_resumes_a_compatible_unfinished_run(tmp_path, tiny, tiny_config):
     """A preempted pod whose spec says --overwrite must not lose its progress."""
-    run(tiny_config.replace(epochs=1), datasets=tiny)
-    (tiny_config.output_dir / "metrics.json").unlink()  # cut short after epoch 1
+    cut_short_after_one_epoch(tiny_config, tiny)
     resumed = run(tiny_config.replace(epochs=2, overwrite=True), datasets=tiny)
     assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
 
 
 def test_overwrite_starts_over_from_a_checkpoint_of_other_settings(tmp_path, tiny, tiny_config):
-    run(tiny_config.replace(epochs=1), datasets=tiny)
-    (tiny_config.output_dir / "metrics.json").unlink()
+    cut_short_after_one_epoch(tiny_config, tiny)
     fresh = run(tiny_config.replace(batch_size=16, overwrite=True), datasets=tiny)
     assert fresh.metrics["resumed_from"] is None
     assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
