@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -138,16 +138,11 @@ class Pod:
     """One pod of a workload, as a docker container."""
 
     name: str
-    hostname: str
     run_args: list[str]  # `docker run` arguments, image and command included
     grace_seconds: int = 30
-    container_id: str | None = None
-    network: str | None = None
-    exit_code: int | None = field(default=None)
 
     def start(self) -> Pod:
-        out = _docker("run", "--detach", *self.run_args)
-        self.container_id = out.strip()
+        _docker("run", "--detach", *self.run_args)
         return self
 
     def logs(self) -> str:
@@ -173,8 +168,7 @@ class Pod:
             raise TimeoutError(
                 f"pod {self.name} still running after {timeout} s; log:\n{self.logs()[-3000:]}"
             ) from None
-        self.exit_code = int(out.strip().splitlines()[-1])
-        return self.exit_code
+        return int(out.strip().splitlines()[-1])
 
     def wait_for_log(self, pattern: str, timeout: float) -> str:
         """Poll the log until `pattern` (a regex) appears; the matching text."""
@@ -332,11 +326,7 @@ def pod(
         args += arguments
 
     return Pod(
-        name=name,
-        hostname=hostname,
-        run_args=args,
-        grace_seconds=int(spec.get("terminationGracePeriodSeconds", 30)),
-        network=network,
+        name=name, run_args=args, grace_seconds=int(spec.get("terminationGracePeriodSeconds", 30))
     )
 
 
