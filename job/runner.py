@@ -417,7 +417,7 @@ def _collector_paused() -> Iterator[Callable[[], None]]:
 
     Importing TensorFlow and Keras and building the model create ~500,000
     objects that live as long as the process. Each automatic full collection
-    walked all of them again and freed nothing: 0.4 s of start-up and 0.15 s of
+    walked all of them again and freed nothing: 0.5 s of start-up and 0.15 s of
     writing artifacts on 2 cores. So the collector is off until training
     starts; `startup_done()` then freezes what exists (later collections skip
     it) and turns the collector back on for whatever training creates. On the
