@@ -309,11 +309,8 @@ def evaluate(model: Path, data_dir: Path | None, output_dir: Path | None, as_jso
     _configure_logging(1, "text")
     from job.evaluate import evaluate as evaluate_model
 
-    options = _apply_platform_env({"data_dir": data_dir}, os.environ)
     report, paths = evaluate_model(
-        model,
-        options.get("data_dir", DEFAULTS.data_dir),
-        output_dir or model_file(model).parent,
+        model, _data_dir(data_dir), output_dir or model_file(model).parent
     )
     if as_json:
         result = {"model": str(model_file(model)), **report.to_dict()}
@@ -355,7 +352,7 @@ def fetch(data_dir: Path | None) -> None:
     from job.data import fetch as fetch_mnist
 
     _configure_logging(1, "text")
-    click.echo(fetch_mnist(data_dir or DEFAULTS.data_dir))
+    click.echo(fetch_mnist(_data_dir(data_dir)))
 
 
 @data.command()
@@ -365,7 +362,7 @@ def verify(data_dir: Path | None) -> None:
     from job.data import verify as verify_mnist
 
     _configure_logging(1, "text")
-    click.echo(f"{verify_mnist(data_dir or DEFAULTS.data_dir)}: OK")
+    click.echo(f"{verify_mnist(_data_dir(data_dir))}: OK")
 
 
 def _apply_platform_env(options: dict, environ) -> dict:
@@ -380,6 +377,13 @@ def _apply_platform_env(options: dict, environ) -> dict:
                 break
     options = {name: value for name, value in options.items() if value is not None}
     return options
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    """--data-dir or MNIST_JOB_DATA_DIR, else SageMaker's channel, else the default:
+    every command that reads MNIST finds it where `train` does."""
+    options = _apply_platform_env({"data_dir": data_dir}, os.environ)
+    return options.get("data_dir", DEFAULTS.data_dir)
 
 
 def _configure_logging(verbosity: int, log_format: str) -> None:

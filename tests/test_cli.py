@@ -81,6 +81,17 @@ def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
     assert options["output_dir"] == Path("flag")  # the flag wins over SM_OUTPUT_DATA_DIR
 
 
+def test_data_commands_look_for_mnist_where_train_does(tmp_path, monkeypatch):
+    # SageMaker mounts the training channel at SM_CHANNEL_TRAINING; `data verify`
+    # must check that directory, not the default cache.
+    monkeypatch.delenv("MNIST_JOB_DATA_DIR", raising=False)  # it would win
+    channel = tmp_path / "channel"
+    channel.mkdir()
+    result = run_job("data", "verify", env={"SM_CHANNEL_TRAINING": str(channel)})
+    assert result.returncode == 3, result.stderr
+    assert f"no MNIST file at {channel / 'mnist.npz'}" in result.stderr
+
+
 def test_platform_env_redirects_the_artifacts_end_to_end(tmp_path):
     """Vertex AI's variables move the model, checkpoints and logs; metrics stay in
     the output dir. A `--model_dir` URI (SageMaker) is accepted and logged."""
