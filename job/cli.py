@@ -263,13 +263,14 @@ def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) 
     A file that cannot be read gets a one-line error; the others are still
     classified, and the exit code is then 3.
     """
-    from job import artifacts
+    from job import artifacts, collector
     from job.predict import BadImage, predict_files
 
     _configure_logging(1, "text")
     if save_preprocessed is not None:
         artifacts.ensure_writable_dir(save_preprocessed, "--save-preprocessed dir")
-    results = predict_files(artifacts.load_model(model), list(images), save_preprocessed)
+    with collector.paused():
+        results = predict_files(artifacts.load_model(model), list(images), save_preprocessed)
     failed = [r for r in results if isinstance(r, BadImage)]
     for result in failed:
         click.echo(f"mnist-job: error: {result}", err=True)
@@ -304,14 +305,16 @@ def evaluate(model: Path, data_dir: Path | None, output_dir: Path | None, as_jso
     """Test-set loss and accuracy, per-digit precision and recall, and two
     figures: confusion_matrix.png and misclassified.png (the most confident
     mistakes, with true digit, prediction and probability)."""
+    from job import collector
     from job.artifacts import model_file
 
     _configure_logging(1, "text")
     from job.evaluate import evaluate as evaluate_model
 
-    report, paths = evaluate_model(
-        model, _data_dir(data_dir), output_dir or model_file(model).parent
-    )
+    with collector.paused():
+        report, paths = evaluate_model(
+            model, _data_dir(data_dir), output_dir or model_file(model).parent
+        )
     if as_json:
         result = {"model": str(model_file(model)), **report.to_dict()}
         result["figures"] = {name: str(path) for name, path in paths.items()}

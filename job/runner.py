@@ -7,18 +7,17 @@ strategy (`datasets=`, `strategy=`), as tensorflow/models' runners do.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import platform
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from job import artifacts, checkpoint
+from job import artifacts, checkpoint, collector
 from job.config import TrainConfig
 from job.errors import ConfigError, Terminated
 from job.logs import Progress
@@ -41,7 +40,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     tf.distribute.Strategy to use instead of the one `config.strategy` names.
     """
     started = time.perf_counter()
-    with _sigterm_flag() as stop_requested, _collector_paused() as startup_done:
+    with _sigterm_flag() as stop_requested, collector.paused() as startup_done:
         return _run(config, datasets, strategy, stop_requested, started, startup_done)
 
 
@@ -94,7 +93,7 @@ def _run(
     events = _TrainingEvents(config, model, optimizer, summaries, steps_per_epoch, is_chief)
     events.progress.update(state.epoch, state.step)
 
-    startup_done()
+    startup_done()  # the collector runs again during training, over new objects only
     fit_started = time.perf_counter()
     finished = trainer.fit(
         train,
@@ -409,34 +408,6 @@ def _log_placement(placement, config: TrainConfig) -> None:
             "config": config.to_dict(),
         },
     )
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[Callable[[], None]]:
-    """Python's cycle collector, off while the run starts up.
-
-    Importing TensorFlow and Keras and building the model create ~500,000
-    objects that live as long as the process. Each automatic full collection
-    walked all of them again and freed nothing: 0.5 s of start-up and 0.15 s of
-    writing artifacts on 2 cores. So the collector is off until training
-    starts; `startup_done()` then freezes what exists (later collections skip
-    it) and turns the collector back on for whatever training creates. On the
-    way out the frozen objects are unfrozen, so that a process running several
-    jobs (the tests) can still collect them."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-
-    def startup_done() -> None:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
-
-    try:
-        yield startup_done
-    finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
 
 
 @contextlib.contextmanager
