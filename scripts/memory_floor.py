@@ -20,6 +20,7 @@ def compiled_step() -> None:
     import tensorflow as tf
 
     from job.config import TrainConfig
+    from job.data import IMAGE_SHAPE
     from job.loop import Trainer, epoch_order
     from job.model import build_model, build_optimizer
 
@@ -27,7 +28,7 @@ def compiled_step() -> None:
 
     size = 64
     blank = SimpleNamespace(
-        size=size, images=tf.zeros((size, 28, 28), tf.uint8), labels=tf.zeros(size, tf.int32)
+        size=size, images=tf.zeros((size, *IMAGE_SHAPE), tf.uint8), labels=tf.zeros(size, tf.int32)
     )
     model = build_model(config.hidden_units)
     optimizer = build_optimizer(config.learning_rate)

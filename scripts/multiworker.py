@@ -29,6 +29,18 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def start_workers(commands: list[list[str]], env: dict | None = None, **popen) -> list:
+    """One process per command, each with a TF_CONFIG naming all of them on
+    127.0.0.1 with free ports; the first command is worker 0, the chief."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(len(commands))]}
+    workers = []
+    for index, command in enumerate(commands):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        worker_env = {**os.environ, **(env or {}), "TF_CONFIG": json.dumps(tf_config)}
+        workers.append(subprocess.Popen(command, env=worker_env, **popen))
+    return workers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -40,13 +52,8 @@ def main() -> int:
     parser.add_argument("train_args", nargs="*", help="options for `mnist-job train`")
     args = parser.parse_args()
 
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(args.workers)]}
     command = [*args.command.split(), "train", "--strategy", "multi-worker", *args.train_args]
-    workers = []
-    for index in range(args.workers):
-        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
-        workers.append(subprocess.Popen(command, env=env))
+    workers = start_workers([command] * args.workers)
 
     # Pass SIGTERM/SIGINT on, so stopping the runner checkpoints like a pod eviction.
     def forward(signum, frame):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from scripts.multiworker import free_ports
+from scripts.multiworker import start_workers
 from tests.conftest import ROOT, run_tiny_job
 
 pytestmark = pytest.mark.slow
@@ -23,18 +22,18 @@ TRAIN = "960"  # 30 steps of the global batch 32 per epoch
 def start_two_workers(*train_args: str, env: dict | None = None) -> list[subprocess.Popen]:
     """Two tiny-job workers of one cluster on loopback; "{index}" in an argument
     becomes each worker's index."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        worker_env = {**os.environ, **(env or {}), "TF_CONFIG": json.dumps(tf_config),
-                      "TINY_JOB_TRAIN": TRAIN}  # fmt: skip
-        args = [arg.replace("{index}", str(index)) for arg in train_args]
-        command = [sys.executable, str(ROOT / "tests" / "tiny_job.py"), "train", *args]
-        workers.append(
-            subprocess.Popen(command, env=worker_env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        )
-    return workers
+    commands = [
+        [sys.executable, str(ROOT / "tests" / "tiny_job.py"), "train",
+         *(arg.replace("{index}", str(index)) for arg in train_args)]
+        for index in range(2)
+    ]  # fmt: skip
+    return start_workers(
+        commands,
+        env={**(env or {}), "TINY_JOB_TRAIN": TRAIN},
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
