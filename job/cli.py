@@ -394,7 +394,8 @@ def _configure_logging(verbosity: int, log_format: str) -> None:
 
     configure(verbosity, log_format)
     if verbosity < 2:
-        # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise here.
+        # TensorFlow's C++ start-up chatter (CPU features, XLA's service) is
+        # noise here. Its oneDNN notice is printed whatever this says (2.21).
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
