@@ -47,6 +47,10 @@ def configure(verbosity: int, log_format: str, stream=None) -> logging.Handler:
         handler.addFilter(lambda record: getattr(record, "event", None) != "progress")
     level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # TensorFlow's own INFO lines repeat what the job logs (the strategy), plan
+    # every collective (a dozen lines per worker) or name internals (the
+    # SavedModel's temporary path): shown with --verbose only.
+    logging.getLogger("tensorflow").setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
     logging.captureWarnings(True)  # Python warnings too, in the same format
     return handler
 

@@ -3,7 +3,8 @@
 
 Each worker gets a TF_CONFIG naming all N on 127.0.0.1 with free ports, as
 Kubeflow or Vertex AI would set it; worker 0 is the chief and the only one
-that writes to the output dir. Exits with the first non-zero worker exit code.
+that writes to the output dir. Their output comes out on stderr, each line
+led by "[worker I]". Exits with the first non-zero worker exit code.
 
     python scripts/multiworker.py --workers 2 -- --epochs 1 --output-dir outputs
 """
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 
 def free_ports(count: int) -> list[int]:
@@ -41,6 +43,13 @@ def start_workers(commands: list[list[str]], env: dict | None = None, **popen) -
     return workers
 
 
+def relay(lines, prefix: str) -> None:
+    """Copy a worker's output to our stderr, each line led by `prefix`."""
+    for line in lines:
+        sys.stderr.write(prefix + line)
+        sys.stderr.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -53,7 +62,16 @@ def main() -> int:
     args = parser.parse_args()
 
     command = [*args.command.split(), "train", "--strategy", "multi-worker", *args.train_args]
-    workers = start_workers([command] * args.workers)
+    workers = start_workers(
+        [command] * args.workers, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    # Without a prefix, N workers' identical log lines cannot be told apart.
+    relays = [
+        threading.Thread(target=relay, args=(worker.stdout, f"[worker {index}] "), daemon=True)
+        for index, worker in enumerate(workers)
+    ]
+    for thread in relays:
+        thread.start()
 
     # Pass SIGTERM/SIGINT on, so stopping the runner checkpoints like a pod eviction.
     def forward(signum, frame):
@@ -63,6 +81,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     codes = [worker.wait() for worker in workers]
+    for thread in relays:
+        thread.join()  # the last lines of every worker, before our own exit
     return next((code for code in codes if code), 0)
 
 

@@ -32,10 +32,11 @@ class Terminal(io.StringIO):
 
 @pytest.fixture
 def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    root, tensorflow = logging.getLogger(), logging.getLogger("tensorflow")
+    handlers, level, tensorflow_level = root.handlers[:], root.level, tensorflow.level
     yield
     root.handlers[:], root.level = handlers, level
+    tensorflow.setLevel(tensorflow_level)
     logging.captureWarnings(False)
 
 
@@ -43,6 +44,19 @@ def progress(log: logging.Logger, step: int, steps: int = 100) -> None:
     extra = {"event": "progress", "epoch": 1, "epochs": 3, "step": step, "steps": steps,
              "seconds": 2.0, "images": step * 32}  # fmt: skip
     log.info("epoch 1/3: step %d/%d", step, steps, extra=extra)
+
+
+def test_tensorflows_info_lines_show_with_verbose_only(restore_logging):
+    stream = io.StringIO()
+    tensorflow = logging.getLogger("tensorflow")
+    for verbosity in (1, 2):
+        logs.configure(verbosity, "text", stream)
+        tensorflow.info("Collective all_reduce tensors (verbosity %d)", verbosity)
+        tensorflow.warning("a TensorFlow warning (verbosity %d)", verbosity)
+    text = stream.getvalue()
+    assert "all_reduce tensors (verbosity 1)" not in text
+    assert "all_reduce tensors (verbosity 2)" in text
+    assert "warning (verbosity 1)" in text
 
 
 def test_json_is_one_object_per_line_with_the_structured_fields(restore_logging):

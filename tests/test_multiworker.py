@@ -79,6 +79,11 @@ def test_local_runner_script_completes_one_output_dir(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["devices"]["workers"] == 2
+    # Every line says which worker wrote it, and both workers report their epoch.
+    lines = result.stderr.splitlines()
+    assert all(line.startswith(("[worker 0] ", "[worker 1] ")) for line in lines), lines
+    for index in (0, 1):
+        assert any(line.startswith(f"[worker {index}] ") and "epoch 1/1" in line for line in lines)
 
 
 def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_path):
