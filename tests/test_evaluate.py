@@ -8,12 +8,12 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from job.errors import ConfigError
 from job.evaluate import evaluate, report
 from tests.conftest import run_tiny_job
+from tests.events import image_tags
 
 # plots.CONFUSION_MATRIX_INCHES and GALLERY_INCHES at 100 dpi.
 SIZES = {"confusion_matrix.png": (700, 600), "misclassified.png": (800, 1100)}
@@ -28,10 +28,7 @@ def assert_figures(directory) -> None:
 def test_train_writes_both_figures_and_logs_them_to_tensorboard(finished_run):
     config, _ = finished_run
     assert_figures(config.output_dir)
-    tags = set()
-    for path in (config.tensorboard_path / "validation").glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            tags |= {v.tag for v in event.summary.value}
+    tags = image_tags(config.tensorboard_path / "validation")
     assert {"confusion_matrix", "misclassified", "predictions"} <= tags
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from job.errors import ExitCode
 from tests.conftest import ROOT, run_tiny_job
-from tests.test_train import scalars
+from tests.events import scalars
 
 pytestmark = pytest.mark.slow
 

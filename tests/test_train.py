@@ -13,28 +13,7 @@ from PIL import Image
 
 from job.errors import ConfigError
 from job.runner import run
-
-
-def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from every event file in a TensorBoard run dir."""
-    found: dict[str, list] = {}
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "scalars":
-                    number = float(tf.make_ndarray(value.tensor))
-                    found.setdefault(value.tag, []).append((event.step, number))
-    return found
-
-
-def image_tags(log_dir) -> set[str]:
-    tags = set()
-    for path in log_dir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "images":
-                    tags.add(value.tag)
-    return tags
+from tests.events import image_tags, scalars
 
 
 def test_writes_every_artifact(finished_run):
