@@ -38,3 +38,10 @@ class DeviceError(JobError):
 
 class Terminated(JobError):
     exit_code = ExitCode.TERMINATED
+
+
+class WorkerLost(JobError):
+    """Another worker of a multi-worker run died or stopped answering. Exit 1:
+    a retry (Kubernetes restarts the pods) resumes from the last checkpoint."""
+
+    exit_code = ExitCode.FAILURE

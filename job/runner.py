@@ -19,7 +19,7 @@ import numpy as np
 
 from job import artifacts, checkpoint, collector
 from job.config import TrainConfig
-from job.errors import ConfigError, Terminated
+from job.errors import ConfigError, Terminated, WorkerLost
 from job.logs import Progress
 from job.strategy import resolve_cluster, setup
 
@@ -95,18 +95,30 @@ def _run(
 
     startup_done()  # the collector runs again during training, over new objects only
     fit_started = time.perf_counter()
-    finished = trainer.fit(
-        train,
-        test,
-        state,
-        epochs=config.epochs,
-        seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-        on_checkpoint=events.checkpoint,
-        on_epoch_end=events.epoch_end,
-        stop_requested=stop_requested,
-        on_chunk_end=events.chunk_end,
-    )
+    try:
+        finished = trainer.fit(
+            train,
+            test,
+            state,
+            epochs=config.epochs,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            on_checkpoint=events.checkpoint,
+            on_epoch_end=events.epoch_end,
+            stop_requested=stop_requested,
+            on_chunk_end=events.chunk_end,
+        )
+    except (tf.errors.UnavailableError, tf.errors.AbortedError) as err:
+        if placement.cluster.num_workers == 1:
+            raise
+        summaries.close()  # what the chief logged so far stays readable
+        # A peer killed (OOM, SIGKILL) or hung: TensorFlow aborts the collective
+        # within seconds (heartbeats) with a page of gRPC detail; one line is enough.
+        raise WorkerLost(
+            f"lost contact with another worker at epoch {state.epoch + 1}, step {state.step} "
+            f"({_abort_reason(err)}); rerun every worker to resume from the last checkpoint "
+            f"in {config.checkpoint_path.parent}"
+        ) from err
     fit_seconds = time.perf_counter() - fit_started
     if not finished:
         summaries.close()
@@ -237,6 +249,14 @@ class _TrainingEvents:
     def chunk_end(self, state: checkpoint.TrainState, mean_loss: float) -> None:
         self.summaries.chunk(state.global_step, mean_loss)
         self.progress.update(state.epoch, state.step)
+
+
+def _abort_reason(err) -> str:
+    """The line of a collective's abort message that says why."""
+    for line in err.message.splitlines():
+        if "aborted by:" in line:
+            return line.split("aborted by:", 1)[1].strip().rstrip(":")
+    return type(err).__name__
 
 
 class _InMemory:

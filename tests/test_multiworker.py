@@ -106,3 +106,24 @@ def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_p
     assert "Resuming from" in logs[0] and "Resuming from" in logs[1]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [record["epoch"] for record in metrics["history"]] == list(range(1, 101))
+
+
+@pytest.mark.parametrize("failure", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_losing_a_worker_fails_the_other_with_one_line_and_exit_1(tmp_path, failure):
+    out = tmp_path / "out"
+    workers = start_two_workers("--epochs", "300", "--output-dir", str(out))
+    checkpoint = out / "checkpoints" / "latest.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():  # training is under way
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+        time.sleep(0.1)
+    workers[1].send_signal(failure)
+    try:
+        _, log = workers[0].communicate(timeout=120)
+    finally:
+        workers[1].kill()
+        workers[1].communicate()
+    assert workers[0].returncode == 1, log
+    assert "Traceback" not in log, log
+    assert "mnist-job: error: lost contact with another worker at epoch" in log
+    assert f"resume from the last checkpoint in {out / 'checkpoints'}" in log
