@@ -5,8 +5,8 @@
     python scripts/memory_floor.py step     # + Keras, the model and one XLA-compiled
                                             #   training chunk on 64 blank images
 
-`make bench` runs both as separate processes and records their peak RSS next
-to the job's. The job cannot peak below the second: that is before any of
+`make bench` runs both as separate processes and records their peak RSS and
+anonymous memory next to the job's. The job cannot peak below the second: that is before any of
 MNIST's 55 MB is loaded.
 """
 

@@ -36,6 +36,15 @@ def start_two_workers(*train_args: str, env: dict | None = None) -> list[subproc
     )
 
 
+def wait_for_a_checkpoint(out, workers: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Until the chief has checkpointed once: training is under way on both."""
+    checkpoint = out / "checkpoints" / "latest.npz"
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists():
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+        time.sleep(0.1)
+
+
 def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     workers = start_two_workers(
         "--epochs", "3", "--output-dir", str(tmp_path / "out-{index}"),
@@ -90,11 +99,7 @@ def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_p
     out = tmp_path / "out"
     train_args = ("--epochs", "100", "--checkpoint-every", "10", "--output-dir", str(out))
     workers = start_two_workers(*train_args)
-    checkpoint = out / "checkpoints" / "latest.npz"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():
-        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
-        time.sleep(0.1)
+    wait_for_a_checkpoint(out, workers)
     workers[1].send_signal(signal.SIGTERM)  # only the non-chief is evicted
     logs = [worker.communicate(timeout=120)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [143, 143], logs
@@ -112,11 +117,7 @@ def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_p
 def test_losing_a_worker_fails_the_other_with_one_line_and_exit_1(tmp_path, failure):
     out = tmp_path / "out"
     workers = start_two_workers("--epochs", "300", "--output-dir", str(out))
-    checkpoint = out / "checkpoints" / "latest.npz"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():  # training is under way
-        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
-        time.sleep(0.1)
+    wait_for_a_checkpoint(out, workers)
     workers[1].send_signal(failure)
     try:
         _, log = workers[0].communicate(timeout=120)
