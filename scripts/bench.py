@@ -16,6 +16,7 @@ TensorFlow's own memory floor (scripts/memory_floor.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -27,6 +28,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from job.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -114,6 +117,26 @@ def run_job(data_dir: Path, out: Path, *options: str) -> dict:
         **memory,
         "images_per_second": metrics["throughput"]["train_images_per_second"],
         "test_accuracy": metrics["test"]["accuracy"],
+        **loop_breakdown(metrics),
+    }
+
+
+def loop_breakdown(metrics: dict) -> dict:
+    """Where a run's training loop went, from its metrics.json; {} for one epoch.
+
+    The first epoch also traces and XLA-compiles the step, later ones only run
+    it: the difference is the one-time cost. What the loop spent outside the
+    epochs went on validation, checkpoints and TensorBoard summaries.
+    """
+    epoch_seconds = [epoch["seconds"] for epoch in metrics["history"]]
+    if len(epoch_seconds) < 2:
+        return {}
+    steady_epoch = statistics.median(epoch_seconds[1:])
+    steps = metrics["train_images"] // metrics["config"]["batch_size"]
+    return {
+        "compile_seconds": epoch_seconds[0] - steady_epoch,
+        "step_microseconds": steady_epoch / steps * 1e6,
+        "between_epochs_seconds": metrics["timings"]["fit_seconds"] - sum(epoch_seconds),
     }
 
 
@@ -123,6 +146,30 @@ def steady_throughput(command: list[str], out: Path, epochs: int) -> float:
     timed([*command, "--quiet", "--epochs", str(epochs), "--output-dir", str(out), "--overwrite"],
           cwd=ROOT)  # fmt: skip
     return json.loads((out / "metrics.json").read_text())["history"][-1]["images_per_second"]
+
+
+def step_gflop(batch_size: int, hidden_units: tuple[int, ...]) -> float:
+    """The matrix products of one training step of the MLP, in GFLOP: forward,
+    weight gradients, and input gradients of every layer but the first."""
+    widths = [28 * 28, *hidden_units, 10]
+    weights = [fan_in * fan_out for fan_in, fan_out in itertools.pairwise(widths)]
+    return 2 * batch_size * (2 * sum(weights) + sum(weights[1:])) / 1e9
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-multiply rate on all its cores (numpy's
+    BLAS, large square matrices): what the step's products could run at, at best."""
+    import numpy as np
+
+    a, b = (np.random.default_rng(0).random((size, size), dtype=np.float32) for _ in range(2))
+    a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 * repeats / best / 1e9
 
 
 def memory_floor() -> dict:
@@ -221,7 +268,20 @@ def table(results: dict) -> str:
         for what, mb in results["memory_floor"].items()
     )
     lines.append(f"peak RSS without the job's data or artifacts: {floor}")
+    if "step_microseconds" in job:
+        lines.append(loop_line(job, results["step_gflop"], results["machine"]["matmul_gflops"]))
     return "\n".join(lines)
+
+
+def loop_line(job: dict, step_gflop: float, peak: float) -> str:
+    step_rate = step_gflop / (job["step_microseconds"] / 1e6)
+    return (
+        f"mnist-job's training loop: {job['compile_seconds']:.2f} s tracing and compiling the "
+        f"step once, then {job['step_microseconds']:.0f} µs a step ({step_rate:.0f} GFLOP/s of "
+        f"matrix products, {step_rate / peak:.0%} of this machine's float32 matmul rate, "
+        f"{peak:.0f} GFLOP/s), and {job['between_epochs_seconds']:.2f} s validating and "
+        "checkpointing between epochs"
+    )
 
 
 def main() -> int:
@@ -243,7 +303,12 @@ def main() -> int:
     npz = Path(subprocess.check_output(fetch, cwd=ROOT, text=True).strip().splitlines()[-1])
     data_dir = npz.parent
 
-    results: dict = {"machine": machine(), "epochs": args.epochs, "batch_size": 32}
+    results: dict = {
+        "machine": {**machine(), "matmul_gflops": matmul_gflops()},
+        "epochs": args.epochs,
+        "batch_size": 32,
+        "step_gflop": step_gflop(32, TrainConfig().hidden_units),
+    }
     seed_runs, job_runs = [], []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
         work = Path(tmp)
