@@ -104,13 +104,18 @@ def run_seed(npz: Path, work: Path, epochs: int) -> dict:
     }
 
 
-def run_job(data_dir: Path, out: Path, *options: str) -> dict:
+def train(command: list[str], out: Path, *options: str) -> tuple[float, dict, dict]:
+    """Run a `train` command into `out`; return (wall seconds, memory, its metrics.json)."""
     wall, memory, _ = timed(
-        [PYTHON, "-m", "job", "train", "--quiet", "--data-dir", str(data_dir),
-         "--output-dir", str(out), "--overwrite", *options],
-        cwd=ROOT,
-    )  # fmt: skip
-    metrics = json.loads((out / "metrics.json").read_text())
+        [*command, "--quiet", "--output-dir", str(out), "--overwrite", *options], cwd=ROOT
+    )
+    return wall, memory, json.loads((out / "metrics.json").read_text())
+
+
+def run_job(data_dir: Path, out: Path, *options: str) -> dict:
+    wall, memory, metrics = train(
+        [PYTHON, "-m", "job", "train", "--data-dir", str(data_dir)], out, *options
+    )
     return {
         "fit_seconds": metrics["timings"]["fit_seconds"],
         "wall_seconds": wall,
@@ -143,9 +148,8 @@ def loop_breakdown(metrics: dict) -> dict:
 def steady_throughput(command: list[str], out: Path, epochs: int) -> float:
     """Images/s of the last epoch of a run: with 2 epochs, the XLA compile in
     the first one does not hide how the step itself scales."""
-    timed([*command, "--quiet", "--epochs", str(epochs), "--output-dir", str(out), "--overwrite"],
-          cwd=ROOT)  # fmt: skip
-    return json.loads((out / "metrics.json").read_text())["history"][-1]["images_per_second"]
+    _, _, metrics = train(command, out, "--epochs", str(epochs))
+    return metrics["history"][-1]["images_per_second"]
 
 
 def step_gflop(batch_size: int, hidden_units: tuple[int, ...]) -> float:
