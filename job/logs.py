@@ -11,16 +11,19 @@
 Code that logs stays plain `logging`: structured fields go in `extra=`, with
 `event` naming the kind of record ("start", "epoch", "test", "end"). Records
 with event "progress" (epoch, epochs, step, steps, seconds) feed the progress
-line only and are dropped by the other formats.
+line only and are dropped by the other formats. `fields()` adds the same
+fields to every record of a block: a multi-worker run's task.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -53,6 +56,26 @@ def configure(verbosity: int, log_format: str, stream=None) -> logging.Handler:
     logging.getLogger("tensorflow").setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
     logging.captureWarnings(True)  # Python warnings too, in the same format
     return handler
+
+
+@contextlib.contextmanager
+def fields(**extra) -> Iterator[None]:
+    """Inside the block, every record carries `extra` as if each call had passed
+    it in `extra=`; JSON lines show it. Workers' lines merged into one stream
+    (a log aggregator, `kubectl logs -l`) then still say whose they are."""
+
+    def add_fields(record: logging.LogRecord) -> bool:
+        record.__dict__.update(extra)
+        return True
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(add_fields)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(add_fields)
 
 
 class JsonFormatter(logging.Formatter):

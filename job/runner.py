@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job import artifacts, checkpoint, collector
+from job import artifacts, checkpoint, collector, logs
 from job.config import TrainConfig
 from job.errors import ConfigError, Terminated, WorkerLost
 from job.logs import Progress
-from job.strategy import resolve_cluster, setup
+from job.strategy import Cluster, resolve_cluster, setup
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,24 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     tf.distribute.Strategy to use instead of the one `config.strategy` names.
     """
     started = time.perf_counter()
-    with _sigterm_flag() as stop_requested, collector.paused() as startup_done:
-        return _run(config, datasets, strategy, stop_requested, started, startup_done)
+    cluster = resolve_cluster(config)
+    with (
+        _sigterm_flag() as stop_requested,
+        collector.paused() as startup_done,
+        _task_fields(cluster),
+    ):
+        return _run(config, cluster, datasets, strategy, stop_requested, started, startup_done)
 
 
 def _run(
-    config: TrainConfig, datasets, strategy, stop_requested, started: float, startup_done
+    config: TrainConfig,
+    cluster: Cluster,
+    datasets,
+    strategy,
+    stop_requested,
+    started: float,
+    startup_done,
 ) -> RunResult:
-    cluster = resolve_cluster(config)
     is_chief = cluster.is_chief
     if is_chief:
         _prepare_output_dir(config)
@@ -83,7 +93,7 @@ def _run(
         jit_compile=placement.compiles_with_xla,
     )
     state = _restore(config, model, optimizer, steps_per_epoch, train.size)
-    if placement.cluster.num_workers > 1:
+    if placement.cluster.is_multi_worker:
         _check_workers_agree(placement.strategy, state.global_step, tf)
     start_step = state.global_step
     resumed_from = {"epoch": state.epoch, "step": state.step} if start_step else None
@@ -109,7 +119,7 @@ def _run(
             on_chunk_end=events.chunk_end,
         )
     except (tf.errors.UnavailableError, tf.errors.AbortedError) as err:
-        if placement.cluster.num_workers == 1:
+        if not placement.cluster.is_multi_worker:
             raise
         summaries.close()  # what the chief logged so far stays readable
         # A peer killed (OOM, SIGKILL) or hung: TensorFlow aborts the collective
@@ -428,6 +438,14 @@ def _log_placement(placement, config: TrainConfig) -> None:
             "config": config.to_dict(),
         },
     )
+
+
+def _task_fields(cluster: Cluster):
+    """In a multi-worker run, every log record names its worker's task (JSON lines
+    get `task_type` and `task_index`, as in TF_CONFIG)."""
+    if not cluster.is_multi_worker:
+        return contextlib.nullcontext()
+    return logs.fields(task_type=cluster.task_type, task_index=cluster.task_index)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,10 @@ class Cluster:
         return sum(len(addresses) for addresses in self.spec.values())
 
     @property
+    def is_multi_worker(self) -> bool:
+        return self.num_workers > 1  # a single process has no spec at all: 0
+
+    @property
     def is_chief(self) -> bool:
         # TensorFlow's convention: the "chief" task if there is one, else worker 0.
         if "chief" in self.spec:
@@ -119,7 +123,7 @@ def cpu_threads() -> int:
 def choose_strategy(requested: str, cluster: Cluster, num_gpus: int) -> str:
     if requested != "auto":
         return requested
-    if cluster.num_workers > 1:
+    if cluster.is_multi_worker:
         return "multi-worker"
     if num_gpus > 1:
         return "mirrored"

@@ -4,7 +4,9 @@
 Each worker gets a TF_CONFIG naming all N on 127.0.0.1 with free ports, as
 Kubeflow or Vertex AI would set it; worker 0 is the chief and the only one
 that writes to the output dir. Their output comes out on stderr, each line
-led by "[worker I]". Exits with the first non-zero worker exit code.
+led by "[worker I]", except JSON log lines (--log-format json), which name their
+worker in their own fields and stay parseable. Exits with the first non-zero
+worker exit code.
 
     python scripts/multiworker.py --workers 2 -- --epochs 1 --output-dir outputs
 """
@@ -44,9 +46,10 @@ def start_workers(commands: list[list[str]], env: dict | None = None, **popen) -
 
 
 def relay(lines, prefix: str) -> None:
-    """Copy a worker's output to our stderr, each line led by `prefix`."""
+    """Copy a worker's output to our stderr, each line led by `prefix` but the
+    JSON log lines: they carry task_index already, and a prefix would break them."""
     for line in lines:
-        sys.stderr.write(prefix + line)
+        sys.stderr.write(line if line.startswith("{") else prefix + line)
         sys.stderr.flush()
 
 

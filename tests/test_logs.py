@@ -46,6 +46,21 @@ def progress(log: logging.Logger, step: int, steps: int = 100) -> None:
     log.info("epoch 1/3: step %d/%d", step, steps, extra=extra)
 
 
+def test_fields_tag_every_record_of_a_block_and_only_that_block(restore_logging):
+    stream = io.StringIO()
+    logs.configure(1, "json", stream)
+    log = logging.getLogger("job.test")
+    with logs.fields(task_type="worker", task_index=1):
+        log.info("inside", extra={"event": "epoch"})
+        logging.getLogger("tensorflow").warning("from TensorFlow")
+    log.info("after")
+    inside, tensorflow, after = map(json.loads, stream.getvalue().splitlines())
+    for record in (inside, tensorflow):
+        assert (record["task_type"], record["task_index"]) == ("worker", 1)
+    assert inside["event"] == "epoch"
+    assert "task_index" not in after
+
+
 def test_tensorflows_info_lines_show_with_verbose_only(restore_logging):
     stream = io.StringIO()
     tensorflow = logging.getLogger("tensorflow")
@@ -126,6 +141,7 @@ def test_train_json_logs_parse(tmp_path):
     epoch = next(r for r in records if r.get("event") == "epoch")
     assert set(epoch) >= {"epoch", "epochs", "loss", "accuracy", "val_loss", "val_accuracy",
                           "seconds", "images_per_second"}  # fmt: skip
+    assert "task_index" not in epoch  # only a multi-worker run names its worker
     end = records[events.index("end")]
     assert end["test"]["accuracy"] > 0.5 and "fit_seconds" in end["timings"]
     assert not CONTROL.search(result.stderr + result.stdout)

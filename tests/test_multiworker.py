@@ -78,21 +78,32 @@ def test_two_workers_train_identically_and_only_the_chief_writes(tmp_path):
     )
 
 
-def test_local_runner_script_completes_one_output_dir(tmp_path):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_local_runner_script_completes_one_output_dir(tmp_path, log_format):
     result = subprocess.run(
         [sys.executable, "scripts/multiworker.py", "--workers", "2",
          "--command", f"{sys.executable} tests/tiny_job.py",
-         "--", "--epochs", "1", "--output-dir", str(tmp_path / "out")],
+         "--", "--epochs", "1", "--output-dir", str(tmp_path / "out"),
+         "--log-format", log_format],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["devices"]["workers"] == 2
-    # Every line says which worker wrote it, and both workers report their epoch.
-    lines = result.stderr.splitlines()
-    assert all(line.startswith(("[worker 0] ", "[worker 1] ")) for line in lines), lines
-    for index in (0, 1):
-        assert any(line.startswith(f"[worker {index}] ") and "epoch 1/1" in line for line in lines)
+    # Every line says which worker wrote it, and both workers report their epoch:
+    # text lines in a prefix, JSON lines (left parseable) in their own fields.
+    epochs = set()
+    for line in result.stderr.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == "epoch":
+                epochs.add(record["task_index"])
+            assert record["task_type"] == "worker"
+        else:
+            assert line.startswith(("[worker 0] ", "[worker 1] ")), line
+            if "epoch 1/1" in line:
+                epochs.add(int(line[len("[worker ")]))
+    assert epochs == {0, 1}
 
 
 def test_sigterm_to_one_worker_stops_both_at_a_checkpoint_then_they_resume(tmp_path):

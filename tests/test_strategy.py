@@ -42,6 +42,7 @@ def test_choose_strategy(requested, workers, gpus, expected):
 def test_tf_config_cluster():
     cluster = resolve_cluster(TrainConfig(), environ={"TF_CONFIG": json.dumps(TWO_WORKERS)})
     assert (cluster.num_workers, cluster.task_index, cluster.is_chief) == (2, 1, False)
+    assert cluster.is_multi_worker
     assert cluster.source == "TF_CONFIG"
 
 
@@ -89,7 +90,7 @@ def test_indexed_job_misconfiguration_is_explained(config, environ, message):
 
 def test_single_process_without_cluster():
     assert resolve_cluster(TrainConfig(), environ={}) is SINGLE
-    assert SINGLE.is_chief
+    assert SINGLE.is_chief and not SINGLE.is_multi_worker
 
 
 def test_cpu_threads_follow_the_cgroup_quota(monkeypatch):

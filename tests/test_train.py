@@ -120,6 +120,19 @@ def cut_short_after_one_epoch(config, tiny):
     return first
 
 
+def test_a_lost_connection_in_one_process_is_not_blamed_on_a_lost_worker(
+    tiny, tiny_config, monkeypatch
+):
+    from job.loop import Trainer
+
+    def unavailable(self, *args, **kwargs):
+        raise tf.errors.UnavailableError(None, None, "connection reset")
+
+    monkeypatch.setattr(Trainer, "fit", unavailable)
+    with pytest.raises(tf.errors.UnavailableError, match="connection reset"):
+        run(tiny_config, datasets=tiny)
+
+
 def test_resumes_from_checkpoint_without_retraining(tmp_path, tiny, tiny_config):
     first = cut_short_after_one_epoch(tiny_config, tiny)
     resumed = run(tiny_config.replace(epochs=3), datasets=tiny)
