@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from job import __version__
-from job.config import DEFAULTS, DEVICES, LOG_FORMATS, STRATEGIES, TrainConfig
+from job.config import DEFAULTS, DEVICES, LOG_FORMATS, MAX_NUM_IMAGES, STRATEGIES, TrainConfig
 from job.errors import DataError, ExitCode, JobError
 
 log = logging.getLogger("job")
@@ -162,7 +162,7 @@ def cli() -> None:
 )
 @option(
     "--num-images",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, MAX_NUM_IMAGES),
     default=DEFAULTS.num_images,
     help="Test images in predictions.png.",
 )

@@ -15,6 +15,9 @@ from pathlib import Path
 from job.errors import ConfigError
 
 STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker")
+# predictions.png lays panels out 10 to a row; past this it stops being a figure
+# anyone reads (and its PNG grows past what TensorBoard's decoder accepts).
+MAX_NUM_IMAGES = 100
 DEVICES = ("auto", "cpu", "gpu")
 LOG_FORMATS = ("auto", "text", "json")
 
@@ -76,8 +79,10 @@ class TrainConfig:
             raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not self.hidden_units or any(units < 1 for units in self.hidden_units):
             raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
-        if self.num_images < 0:
-            raise ConfigError(f"--num-images must be 0 or more, got {self.num_images}")
+        if not 0 <= self.num_images <= MAX_NUM_IMAGES:
+            raise ConfigError(
+                f"--num-images must be between 0 and {MAX_NUM_IMAGES}, got {self.num_images}"
+            )
         for option, value, choices in (
             ("strategy", self.strategy, STRATEGIES),
             ("device", self.device, DEVICES),

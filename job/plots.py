@@ -8,13 +8,18 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+PANELS_PER_ROW = 10
+
 
 def predictions_panel(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> bytes:
-    """The seed's figure: one panel per image titled "Real: X / Predicted: Y"."""
+    """The seed's figure: one panel per image titled "Real: X / Predicted: Y",
+    in one row as the seed drew its five, wrapped every PANELS_PER_ROW."""
     count = len(images)
-    fig = Figure(figsize=(2 * max(count, 1), 4))
+    columns = min(max(count, 1), PANELS_PER_ROW)
+    rows = max(1, -(-count // PANELS_PER_ROW))
+    fig = Figure(figsize=(2 * columns, 4 * rows))
     for i in range(count):
-        ax = fig.add_subplot(1, count, i + 1)
+        ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(images[i], cmap="gray")
         ax.axis("off")
         ax.set_title(f"Real: {labels[i]}\nPredicted: {predicted[i]}")

@@ -51,6 +51,7 @@ def test_train_help_documents_every_option_with_env_var_and_exit_codes():
         (["--hidden-units", "abc"], {}, "--hidden-units"),
         (["--hidden-units", "128,0"], {}, "--hidden-units"),
         (["--learning-rate", "-1"], {}, "--learning-rate"),
+        (["--num-images", "101"], {}, "--num-images"),
         (["--strategy", "bogus"], {}, "multi-worker"),  # the error lists valid names
         (["--no-such-option"], {}, "--no-such-option"),
         ([], {"MNIST_JOB_EPOCHS": "0"}, "epochs"),

@@ -23,6 +23,8 @@ def test_defaults_are_the_seeds():
         {"learning_rate": 0.0},
         {"hidden_units": ()},
         {"max_train_samples": 0},
+        {"num_images": -1},
+        {"num_images": 101},
         {"strategy": "tpu"},
         {"device": "npu"},
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 
 import keras
@@ -61,6 +62,15 @@ def test_predictions_png_has_one_panel_per_image(finished_run):
     with Image.open(config.output_dir / "predictions.png") as image:
         assert image.format == "PNG"
         assert image.size == (600, 400)  # 2 inches a panel at 100 dpi, 3 panels
+
+
+def test_predictions_png_wraps_every_ten_panels(tiny):
+    from job.plots import predictions_panel
+
+    count = 25
+    png = predictions_panel(tiny.x_test[:count], tiny.y_test[:count], tiny.y_test[:count])
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (2000, 1200)  # 10 panels across, 3 rows
 
 
 def test_metrics_json_records_the_run(finished_run):
