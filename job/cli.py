@@ -16,7 +16,16 @@ from pathlib import Path
 import click
 
 from job import __version__
-from job.config import DEFAULTS, DEVICES, LOG_FORMATS, MAX_NUM_IMAGES, STRATEGIES, TrainConfig
+from job.config import (
+    DEFAULTS,
+    DEVICES,
+    LOG_FORMATS,
+    MAX_NUM_IMAGES,
+    MAX_PORT,
+    MAX_SEED,
+    STRATEGIES,
+    TrainConfig,
+)
 from job.errors import DataError, ExitCode, JobError
 
 log = logging.getLogger("job")
@@ -100,7 +109,10 @@ worker_service_option = option(
     help="Headless Service (the pods' subdomain) of an Indexed Job's workers.",
 )
 worker_port_option = option(
-    "--worker-port", type=POSITIVE, default=DEFAULTS.worker_port, help="Workers' gRPC port."
+    "--worker-port",
+    type=click.IntRange(1, MAX_PORT),
+    default=DEFAULTS.worker_port,
+    help="Workers' gRPC port.",
 )
 model_option = option(
     "--model",
@@ -145,7 +157,12 @@ def cli() -> None:
     default=",".join(map(str, DEFAULTS.hidden_units)),
     help="Width of each hidden Dense layer.",
 )
-@option("--seed", type=int, default=DEFAULTS.seed, help="Seeds initialisation and shuffling.")
+@option(
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=DEFAULTS.seed,
+    help="Seeds initialisation and shuffling.",
+)
 @option(
     "--deterministic/--no-deterministic",
     default=DEFAULTS.deterministic,

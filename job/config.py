@@ -8,6 +8,7 @@ flags and `MNIST_JOB_*` environment variables; tests build one directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker")
 # predictions.png lays panels out 10 to a row; past this it stops being a figure
 # anyone reads (and its PNG grows past what TensorBoard's decoder accepts).
 MAX_NUM_IMAGES = 100
+MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit
+MAX_PORT = 65535
 DEVICES = ("auto", "cpu", "gpu")
 LOG_FORMATS = ("auto", "text", "json")
 
@@ -70,13 +73,20 @@ class TrainConfig:
             "max-train-samples": self.max_train_samples,
             "checkpoint-every": self.checkpoint_every,
             "num-workers": self.num_workers,
-            "worker-port": self.worker_port,
         }
         for option, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"--{option} must be at least 1, got {value}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(
+                f"--learning-rate must be a positive finite number, got {self.learning_rate}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not 1 <= self.worker_port <= MAX_PORT:
+            raise ConfigError(
+                f"--worker-port must be between 1 and {MAX_PORT}, got {self.worker_port}"
+            )
         if not self.hidden_units or any(units < 1 for units in self.hidden_units):
             raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
         if not 0 <= self.num_images <= MAX_NUM_IMAGES:

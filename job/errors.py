@@ -40,6 +40,13 @@ class Terminated(JobError):
     exit_code = ExitCode.TERMINATED
 
 
+class OutOfMemory(JobError):
+    """An allocation failed (e.g. --hidden-units far too wide). Exit 1, as when
+    the kernel kills the process for memory: a node with more may succeed."""
+
+    exit_code = ExitCode.FAILURE
+
+
 class WorkerLost(JobError):
     """Another worker of a multi-worker run died or stopped answering. Exit 1:
     a retry (Kubernetes restarts the pods) resumes from the last checkpoint."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import numpy as np
 
 from job import artifacts, checkpoint, collector, logs
 from job.config import TrainConfig
-from job.errors import ConfigError, Terminated, WorkerLost
+from job.errors import ConfigError, OutOfMemory, Terminated, WorkerLost
 from job.logs import Progress
 from job.strategy import Cluster, resolve_cluster, setup
 
@@ -46,7 +48,24 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         collector.paused() as startup_done,
         _task_fields(cluster),
     ):
-        return _run(config, cluster, datasets, strategy, stop_requested, started, startup_done)
+        try:
+            return _run(config, cluster, datasets, strategy, stop_requested, started, startup_done)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            # TensorFlow's message is a page of kernel and device names; the shape is the news.
+            shape = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(err))
+            raise OutOfMemory(
+                f"out of memory ({shape.group(0) if shape else type(err).__name__}): "
+                "lower --hidden-units or --batch-size, or give the job more memory"
+            ) from err
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    tf = sys.modules.get("tensorflow")  # not imported yet: not TensorFlow's error
+    return isinstance(err, MemoryError) or (
+        tf is not None and isinstance(err, tf.errors.ResourceExhaustedError)
+    )
 
 
 def _run(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from job.cli import _apply_platform_env
-from tests.conftest import run_job
+from tests.conftest import run_job, run_tiny_job
 
 
 def test_help_is_fast_and_does_not_import_tensorflow():
@@ -52,6 +52,9 @@ def test_train_help_documents_every_option_with_env_var_and_exit_codes():
         (["--hidden-units", "128,0"], {}, "--hidden-units"),
         (["--learning-rate", "-1"], {}, "--learning-rate"),
         (["--num-images", "101"], {}, "--num-images"),
+        (["--learning-rate", "inf"], {}, "--learning-rate"),
+        (["--seed", "-1"], {}, "--seed"),
+        (["--worker-port", "70000"], {}, "--worker-port"),
         (["--strategy", "bogus"], {}, "multi-worker"),  # the error lists valid names
         (["--no-such-option"], {}, "--no-such-option"),
         ([], {"MNIST_JOB_EPOCHS": "0"}, "epochs"),
@@ -64,6 +67,17 @@ def test_bad_input_is_one_line_exit_2(args, env, names):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert names in lines[0]
+
+
+def test_a_model_too_big_for_memory_is_one_line_exit_1(tmp_path):
+    # 784 x 5e9 float32 weights: ~16 TB, more than any machine this runs on.
+    result = run_tiny_job("train", "--hidden-units", "5000000000", "--output-dir", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
+    assert len(errors) == 1
+    assert "out of memory (OOM when allocating tensor with shape[784,5000000000])" in errors[0]
+    assert "--hidden-units" in errors[0]
 
 
 def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
@@ -96,8 +110,6 @@ def test_data_commands_look_for_mnist_where_train_does(tmp_path, monkeypatch):
 def test_platform_env_redirects_the_artifacts_end_to_end(tmp_path):
     """Vertex AI's variables move the model, checkpoints and logs; metrics stay in
     the output dir. A `--model_dir` URI (SageMaker) is accepted and logged."""
-    from tests.conftest import run_tiny_job
-
     env = {
         "AIP_MODEL_DIR": str(tmp_path / "model"),
         "AIP_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
