@@ -61,6 +61,10 @@ def read_image(path: Path) -> Image.Image:
             image.load()
             # Phone photos are often stored sideways with an EXIF rotation tag.
             return ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise BadImage("no such file") from None
+    except PermissionError:
+        raise BadImage("permission denied") from None
     except UnidentifiedImageError:
         raise BadImage("not an image that can be read (PNG, JPEG or BMP expected)") from None
     except Image.DecompressionBombError as err:

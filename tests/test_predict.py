@@ -122,11 +122,13 @@ def mixed_files(tmp_path):
     return good, [text, empty, truncated]
 
 
-def test_bad_files_fail_alone(mixed_files):
+def test_bad_files_fail_alone(mixed_files, tmp_path):
     good, bad = mixed_files
     for path in bad:
         with pytest.raises(BadImage):
             read_image(path)
+    with pytest.raises(BadImage, match=r"^no such file$"):
+        read_image(tmp_path / "typo.png")
     for path in good:
         read_image(path)
 
