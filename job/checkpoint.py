@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,12 @@ def save(path: Path, weights: list, optimizer_variables: list, state: TrainState
 
 
 def load(path: Path) -> tuple[list, list, TrainState] | None:
-    """The checkpoint at `path`, or None if there is none."""
+    """The checkpoint at `path`, or None if there is none.
+
+    A corrupt one is a ConfigError (exit 2: a retry would read the same bytes),
+    which --overwrite turns into a fresh start; a failed read (an I/O error on
+    a network volume) is a JobError (exit 1: worth a retry).
+    """
     if not path.exists():
         return None
     try:
@@ -57,10 +63,12 @@ def load(path: Path) -> tuple[list, list, TrainState] | None:
             state = TrainState(**json.loads(str(npz["state"])))
             weights = _numbered(npz, "weight_")
             optimizer_variables = _numbered(npz, "optimizer_")
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
-        raise JobError(
-            f"checkpoint {path} is unreadable ({err}); delete it or pass --overwrite"
+    except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ConfigError(
+            f"checkpoint {path} is corrupt ({err}); delete it, or pass --overwrite to start over"
         ) from None
+    except OSError as err:
+        raise JobError(f"checkpoint {path} could not be read ({err})") from None
     return weights, optimizer_variables, state
 
 

@@ -187,7 +187,8 @@ def cli() -> None:
     "--overwrite/--no-overwrite",
     default=DEFAULTS.overwrite,
     help="Replace a finished run in the output dir, or start over from a checkpoint of "
-    "other settings. An unfinished run with the same settings is still resumed.",
+    "other settings or a corrupt one. An unfinished run with the same settings is still "
+    "resumed.",
 )
 @option(
     "--checkpoint-every",

@@ -346,18 +346,18 @@ def _fingerprint(config: TrainConfig, train_size: int) -> dict:
 
 def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int):
     fingerprint = _fingerprint(config, train_size)
-    saved = checkpoint.load(config.checkpoint_path)
-    if saved is None:
-        return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)
-    weights, optimizer_values, state = saved
     try:
+        saved = checkpoint.load(config.checkpoint_path)
+        if saved is None:
+            return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)
+        weights, optimizer_values, state = saved
         checkpoint.check_compatible(state, fingerprint, config.checkpoint_path)
-    except ConfigError as err:
+    except ConfigError as err:  # a corrupt checkpoint, or one of other settings
         if not config.overwrite:
             raise
-        # --overwrite starts over from a checkpoint of other settings, but a
-        # compatible one is still resumed: a preempted pod whose spec says
-        # --overwrite must not throw away its own progress on every restart.
+        # --overwrite starts over from a corrupt checkpoint or one of other
+        # settings, but a compatible one is still resumed: a preempted pod whose
+        # spec says --overwrite must not throw away its progress on every restart.
         log.warning("--overwrite: starting over (%s)", err)
         _discard_training_state(config)
         return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)

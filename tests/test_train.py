@@ -209,3 +209,15 @@ def test_overwrite_starts_over_from_a_checkpoint_of_other_settings(tmp_path, tin
     assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
     found = scalars(tiny_config.output_dir / "tensorboard" / "train")
     assert [step for step, _ in found["epoch_loss"]] == [1, 2]
+
+
+def test_a_corrupt_checkpoint_is_exit_2_and_overwrite_starts_over(tiny, tiny_config):
+    cut_short_after_one_epoch(tiny_config, tiny)
+    latest = tiny_config.checkpoint_path
+    latest.write_bytes(latest.read_bytes()[:1000])  # a half-copied file
+    with pytest.raises(ConfigError, match=r"is corrupt .*pass --overwrite to start over") as err:
+        run(tiny_config, datasets=tiny)
+    assert err.value.exit_code == 2  # a retry would read the same bytes
+    fresh = run(tiny_config.replace(overwrite=True), datasets=tiny)
+    assert fresh.metrics["resumed_from"] is None
+    assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
