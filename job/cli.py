@@ -36,7 +36,8 @@ Exit codes:
   0    success
   1    unexpected failure (a bug, out of memory): worth a retry
   2    usage or configuration error (bad option, unusable output dir,
-       finished run without --overwrite): fix the command
+       finished run without --overwrite, corrupt checkpoint, output
+       volume full): fix the command or the volume
   3    MNIST unavailable or corrupt; predict: an image could not be read
   4    requested device unavailable (--device gpu without a GPU)
   143  stopped by SIGTERM after writing a checkpoint: rerun to resume

@@ -7,6 +7,7 @@ strategy (`datasets=`, `strategy=`), as tensorflow/models' runners do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import platform
 import re
@@ -21,7 +22,7 @@ import numpy as np
 
 from job import artifacts, checkpoint, collector, logs
 from job.config import TrainConfig
-from job.errors import ConfigError, OutOfMemory, Terminated, WorkerLost
+from job.errors import ConfigError, JobError, OutOfMemory, Terminated, WorkerLost
 from job.logs import Progress
 from job.strategy import Cluster, resolve_cluster, setup
 
@@ -51,21 +52,38 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         try:
             return _run(config, cluster, datasets, strategy, stop_requested, started, startup_done)
         except Exception as err:
-            if not _is_out_of_memory(err):
+            explained = _explain(err)
+            if explained is None:
                 raise
-            # TensorFlow's message is a page of kernel and device names; the shape is the news.
-            shape = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(err))
-            raise OutOfMemory(
-                f"out of memory ({shape.group(0) if shape else type(err).__name__}): "
-                "lower --hidden-units or --batch-size, or give the job more memory"
-            ) from err
+            raise explained from err
 
 
-def _is_out_of_memory(err: Exception) -> bool:
+# A full or read-only volume: retrying on the same volume cannot help.
+_VOLUME_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _explain(err: Exception) -> JobError | None:
+    """One line for a failure of the machine rather than of the code, where a
+    traceback would only bury the cause; None for anything else."""
     tf = sys.modules.get("tensorflow")  # not imported yet: not TensorFlow's error
-    return isinstance(err, MemoryError) or (
+    if isinstance(err, MemoryError) or (
         tf is not None and isinstance(err, tf.errors.ResourceExhaustedError)
-    )
+    ):
+        # TensorFlow's message is a page of kernel and device names; the shape is the news.
+        shape = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(err))
+        return OutOfMemory(
+            f"out of memory ({shape.group(0) if shape else type(err).__name__}): "
+            "lower --hidden-units or --batch-size, or give the job more memory"
+        )
+    if isinstance(err, OSError) and err.errno in _VOLUME_ERRORS:
+        # Every file is written beside its target and renamed into place, so a
+        # failed write leaves the previous checkpoint and artifacts as they were.
+        where = f" writing {err.filename}" if err.filename else ""
+        return ConfigError(
+            f"{err.strerror}{where}: the checkpoints and files written before are intact; "
+            "make room (or make the volume writable) and rerun the same command to resume"
+        )
+    return None
 
 
 def _run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import json
@@ -221,3 +222,24 @@ def test_a_corrupt_checkpoint_is_exit_2_and_overwrite_starts_over(tiny, tiny_con
     fresh = run(tiny_config.replace(overwrite=True), datasets=tiny)
     assert fresh.metrics["resumed_from"] is None
     assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
+
+
+def test_a_full_disk_is_one_error_and_the_rerun_resumes(tiny, tiny_config, monkeypatch):
+    from job import checkpoint
+
+    real_savez, saved = checkpoint.np.savez, []
+
+    def savez_until_the_disk_fills(file, **arrays):
+        if saved:  # the second checkpoint (epoch 2) finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(file, **arrays)
+        saved.append(file)
+
+    monkeypatch.setattr(checkpoint.np, "savez", savez_until_the_disk_fills)
+    with pytest.raises(ConfigError, match=r"^No space left on device: .*rerun") as err:
+        run(tiny_config, datasets=tiny)
+    assert err.value.exit_code == 2
+    monkeypatch.setattr(checkpoint.np, "savez", real_savez)  # room made
+    resumed = run(tiny_config, datasets=tiny)
+    assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
+    assert [record["epoch"] for record in resumed.metrics["history"]] == [1, 2]
