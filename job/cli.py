@@ -40,6 +40,7 @@ Exit codes:
        volume full): fix the command or the volume
   3    MNIST unavailable or corrupt; predict: an image could not be read
   4    requested device unavailable (--device gpu without a GPU)
+  130  interrupted (Ctrl-C): rerun to resume from the last checkpoint
   143  stopped by SIGTERM after writing a checkpoint: rerun to resume
 """
 
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="mnist-job", standalone_mode=False)
     except click.exceptions.Abort:
-        code = 130
+        code = ExitCode.INTERRUPTED
     except click.ClickException as err:
         click.echo(f"mnist-job: error: {err.format_message()}", err=True)
         code = ExitCode.USAGE

@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad option, bad config, unusable output dir: retrying won't help
     DATA = 3  # MNIST unavailable or corrupt; predict: an input image unreadable
     DEVICE = 4  # the requested device (GPU) is not visible
+    INTERRUPTED = 130  # Ctrl-C (128 + 2): rerun resumes from the last checkpoint
     TERMINATED = 143  # SIGTERM (128 + 15): checkpoint written, rerun resumes
 
 
