@@ -16,13 +16,13 @@ from pathlib import Path
 from job.errors import ConfigError
 
 STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker")
+DEVICES = ("auto", "cpu", "gpu")
+LOG_FORMATS = ("auto", "text", "json")
 # predictions.png lays panels out 10 to a row; past this it stops being a figure
 # anyone reads (and its PNG grows past what TensorBoard's decoder accepts).
 MAX_NUM_IMAGES = 100
 MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 MAX_PORT = 65535
-DEVICES = ("auto", "cpu", "gpu")
-LOG_FORMATS = ("auto", "text", "json")
 
 
 def default_data_dir() -> Path:
