@@ -70,13 +70,15 @@ def test_bad_input_is_one_line_exit_2(args, env, names):
 
 
 def test_a_model_too_big_for_memory_is_one_line_exit_1(tmp_path):
-    # 784 x 5e9 float32 weights: ~16 TB, more than any machine this runs on.
-    result = run_tiny_job("train", "--hidden-units", "5000000000", "--output-dir", str(tmp_path))
+    # 784 x 1e14 float32 weights: ~300 PB, beyond any address space, so no
+    # allocation can succeed even where the kernel overcommits memory.
+    units = "100000000000000"
+    result = run_tiny_job("train", "--hidden-units", units, "--output-dir", str(tmp_path))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
     assert len(errors) == 1
-    assert "out of memory (OOM when allocating tensor with shape[784,5000000000])" in errors[0]
+    assert f"out of memory (OOM when allocating tensor with shape[784,{units}])" in errors[0]
     assert "--hidden-units" in errors[0]
 
 
