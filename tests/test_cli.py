@@ -69,6 +69,7 @@ def test_bad_input_is_one_line_exit_2(args, env, names):
     assert names in lines[0]
 
 
+@pytest.mark.slow  # TensorFlow's allocator retries for 10 s before it gives up
 def test_a_model_too_big_for_memory_is_one_line_exit_1(tmp_path):
     # 784 x 1e14 float32 weights: ~300 PB, beyond any address space, so no
     # allocation can succeed even where the kernel overcommits memory.
