@@ -58,17 +58,7 @@ def resolve_cluster(config: TrainConfig, environ=os.environ) -> Cluster:
     """
     raw = environ.get("TF_CONFIG", "").strip()
     if raw:
-        try:
-            tf_config = json.loads(raw)
-            spec = {kind: list(addrs) for kind, addrs in tf_config.get("cluster", {}).items()}
-            task = tf_config.get("task", {})
-            task_type, task_index = task.get("type", "worker"), int(task.get("index", 0))
-            cluster = Cluster(spec, task_type, task_index, "TF_CONFIG")
-        except (ValueError, TypeError, AttributeError) as err:
-            raise ConfigError(f"TF_CONFIG is not valid cluster JSON: {err}") from None
-        if cluster.task_type not in cluster.spec:
-            raise ConfigError(f"TF_CONFIG task type {cluster.task_type!r} is not in its cluster")
-        return cluster
+        return _parse_tf_config(raw)
     if config.num_workers == 1:
         return SINGLE
     index = environ.get("JOB_COMPLETION_INDEX")
@@ -90,6 +80,35 @@ def resolve_cluster(config: TrainConfig, environ=os.environ) -> Cluster:
         for i in range(config.num_workers)
     ]
     return Cluster({"worker": workers}, "worker", int(index), "indexed-job")
+
+
+def _parse_tf_config(raw: str) -> Cluster:
+    """TF_CONFIG, checked as far as TensorFlow would fail on it less clearly
+    (or, for a task index past the cluster's end, train alone and write nothing)."""
+    try:
+        tf_config = json.loads(raw)
+        spec, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+        task_type, task_index = task.get("type", "worker"), int(task.get("index", 0))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"TF_CONFIG is not valid cluster JSON: {err}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"TF_CONFIG cluster must map task types to addresses, got {spec!r}")
+    for kind, addresses in spec.items():
+        if not isinstance(addresses, list) or not all(
+            isinstance(address, str) and address.rpartition(":")[2].isdigit()
+            for address in addresses
+        ):
+            raise ConfigError(
+                f'TF_CONFIG cluster {kind!r} must be a list of "host:port", got {addresses!r}'
+            )
+    if task_type not in spec:
+        raise ConfigError(f"TF_CONFIG task type {task_type!r} is not in its cluster")
+    if not 0 <= task_index < len(spec[task_type]):
+        raise ConfigError(
+            f"TF_CONFIG task index {task_index} is out of range: its cluster has "
+            f"{len(spec[task_type])} {task_type!r} task(s)"
+        )
+    return Cluster(spec, task_type, task_index, "TF_CONFIG")
 
 
 def cpu_limit() -> float | None:

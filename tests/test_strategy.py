@@ -55,10 +55,26 @@ def test_tf_config_with_a_chief_task():
     assert cluster.num_workers == 3 and cluster.is_chief
 
 
-@pytest.mark.parametrize("raw", ["{not json", '{"cluster": {}, "task": {"type": "worker"}}'])
-def test_bad_tf_config_is_a_config_error(raw):
-    with pytest.raises(ConfigError, match="TF_CONFIG"):
+@pytest.mark.parametrize(
+    ("tf_config", "message"),
+    [
+        ("{not json", "not valid cluster JSON"),
+        ("[]", "not valid cluster JSON"),
+        ({"cluster": {}, "task": {"type": "worker"}}, "task type 'worker' is not in"),
+        ({"cluster": ["w0:2222"], "task": {}}, "must map task types"),
+        # A string, not a list: TensorFlow would split it into characters.
+        ({"cluster": {"worker": "w0:2222"}, "task": {}}, 'list of "host:port"'),
+        ({"cluster": {"worker": ["w0"]}, "task": {}}, 'list of "host:port"'),
+        ({"cluster": {"worker": ["w0:2222"]}, "task": {"index": "x"}}, "not valid cluster JSON"),
+        # Past the end: it would train alone, not as the chief, and write nothing.
+        ({"cluster": {"worker": ["w0:2222"]}, "task": {"index": 5}}, "index 5 is out of range"),
+    ],
+)
+def test_bad_tf_config_is_a_config_error(tf_config, message):
+    raw = tf_config if isinstance(tf_config, str) else json.dumps(tf_config)
+    with pytest.raises(ConfigError, match="TF_CONFIG") as err:
         resolve_cluster(TrainConfig(), environ={"TF_CONFIG": raw})
+    assert message in str(err.value)
 
 
 def test_indexed_job_cluster_is_derived_from_the_pod():
