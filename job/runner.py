@@ -45,12 +45,12 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     started = time.perf_counter()
     cluster = resolve_cluster(config)
     with (
-        _sigterm_flag() as stop_requested,
+        _sigterm() as sigterm,
         collector.paused() as startup_done,
         _task_fields(cluster),
     ):
         try:
-            return _run(config, cluster, datasets, strategy, stop_requested, started, startup_done)
+            return _run(config, cluster, datasets, strategy, sigterm, started, startup_done)
         except Exception as err:
             explained = _explain(err)
             if explained is None:
@@ -91,7 +91,7 @@ def _run(
     cluster: Cluster,
     datasets,
     strategy,
-    stop_requested,
+    sigterm: _Sigterm,
     started: float,
     startup_done,
 ) -> RunResult:
@@ -141,6 +141,7 @@ def _run(
     events.progress.update(state.epoch, state.step)
 
     startup_done()  # the collector runs again during training, over new objects only
+    sigterm.catch()  # from here on, SIGTERM means: checkpoint, then stop
     fit_started = time.perf_counter()
     try:
         finished = trainer.fit(
@@ -152,7 +153,7 @@ def _run(
             checkpoint_every=config.checkpoint_every,
             on_checkpoint=events.checkpoint,
             on_epoch_end=events.epoch_end,
-            stop_requested=stop_requested,
+            stop_requested=sigterm.received,
             on_chunk_end=events.chunk_end,
         )
     except (tf.errors.UnavailableError, tf.errors.AbortedError) as err:
@@ -248,7 +249,7 @@ def _set_up(config: TrainConfig, cluster, strategy):
     placement = setup(config, cluster, strategy)
     # MultiWorkerMirroredStrategy's runtime installs its own SIGTERM handler
     # (preemption notices), which swallows the signal before Python sees it.
-    # Reinstall ours so an evicted worker still checkpoints and stops.
+    # Put Python's back, so SIGTERM still ends set-up now and training later.
     signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
     if config.batch_size % placement.num_replicas:
         raise ConfigError(
@@ -485,15 +486,33 @@ def _task_fields(cluster: Cluster):
     return logs.fields(task_type=cluster.task_type, task_index=cluster.task_index)
 
 
+class _Sigterm:
+    """What SIGTERM (Kubernetes eviction, docker stop) does during a run.
+
+    Until `catch()` it ends the process at once: set-up (importing TensorFlow,
+    fetching MNIST) has nothing to lose and need not finish first. From then on
+    it only sets a flag: training checkpoints at the end of the current chunk
+    and stops with exit 143; once training is done the run finishes writing its
+    artifacts, which takes about a second, rather than leave them half made.
+    """
+
+    def __init__(self):
+        self._received = False
+
+    def catch(self) -> None:
+        signal.signal(signal.SIGTERM, self._receive)
+
+    def received(self) -> bool:
+        return self._received
+
+    def _receive(self, signum, frame) -> None:
+        self._received = True
+
+
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator:
-    """During a run, SIGTERM (Kubernetes eviction, docker stop) only sets a
-    flag. Training checkpoints at the end of the current chunk and stops with
-    exit 143; once training is done the run finishes writing its artifacts,
-    which takes about a second, rather than leave them half made."""
-    received = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+def _sigterm() -> Iterator[_Sigterm]:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        yield lambda: bool(received)
+        yield _Sigterm()
     finally:
         signal.signal(signal.SIGTERM, previous)

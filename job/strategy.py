@@ -236,4 +236,6 @@ def _make_strategy(name: str, cluster: Cluster, gpus: list):
             cluster.task_type,
             cluster.task_index,
         )
+        # TensorFlow blocks here, silently, until every worker has joined.
+        log.info("Waiting for all %d workers to join", cluster.num_workers)
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
