@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from job.config import TrainConfig
+from job.config import DEFAULTS
+from job.data import IMAGE_SHAPE, NUM_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -155,7 +156,7 @@ def steady_throughput(command: list[str], out: Path, epochs: int) -> float:
 def step_gflop(batch_size: int, hidden_units: tuple[int, ...]) -> float:
     """The matrix products of one training step of the MLP, in GFLOP: forward,
     weight gradients, and input gradients of every layer but the first."""
-    widths = [28 * 28, *hidden_units, 10]
+    widths = [IMAGE_SHAPE[0] * IMAGE_SHAPE[1], *hidden_units, NUM_CLASSES]
     weights = [fan_in * fan_out for fan_in, fan_out in itertools.pairwise(widths)]
     return 2 * batch_size * (2 * sum(weights) + sum(weights[1:])) / 1e9
 
@@ -310,8 +311,8 @@ def main() -> int:
     results: dict = {
         "machine": {**machine(), "matmul_gflops": matmul_gflops()},
         "epochs": args.epochs,
-        "batch_size": 32,
-        "step_gflop": step_gflop(32, TrainConfig().hidden_units),
+        "batch_size": DEFAULTS.batch_size,
+        "step_gflop": step_gflop(DEFAULTS.batch_size, DEFAULTS.hidden_units),
     }
     seed_runs, job_runs = [], []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:

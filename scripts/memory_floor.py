@@ -6,8 +6,8 @@
                                             #   training chunk on 64 blank images
 
 `make bench` runs both as separate processes and records their peak RSS and
-anonymous memory next to the job's. The job cannot peak below the second: that is before any of
-MNIST's 55 MB is loaded.
+anonymous memory next to the job's. The job cannot peak below the second: that
+is before any of MNIST's 55 MB is loaded.
 """
 
 from __future__ import annotations
