@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +113,12 @@ def load_model(path: Path):
         raise ConfigError(
             f"no model at {target}: pass --model a model.keras file or an output dir "
             "of `mnist-job train`"
+        )
+    if target.suffix == ".keras" and not zipfile.is_zipfile(target):
+        # Keras would say "File not found" of a file that is right there.
+        raise ConfigError(
+            f"cannot load model {target}: not a complete .keras file (truncated or corrupt); "
+            "train again, or copy it again from where it was written"
         )
     import keras
 

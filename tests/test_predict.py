@@ -174,15 +174,24 @@ def test_all_good_files_exit_0(model_dir, mixed_files):
     assert len(result.stdout.strip().splitlines()) == 2
 
 
-@pytest.mark.parametrize("content", [None, b"garbage, not a zip"])
-def test_missing_or_invalid_model_is_one_line_exit_2(tmp_path, mixed_files, content):
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "no model at"), (b"garbage, not a zip", "truncated or corrupt"), ("half", "truncated")],
+)
+def test_missing_or_invalid_model_is_one_line_exit_2(
+    model_dir, tmp_path, mixed_files, content, reason
+):
     model = tmp_path / "model.keras"
-    if content is not None:
+    if content == "half":  # a copy cut short
+        whole = (model_dir / "model.keras").read_bytes()
+        model.write_bytes(whole[: len(whole) // 2])
+    elif content is not None:
         model.write_bytes(content)
     result = run_job("predict", "--model", str(model), str(mixed_files[0][0]))
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job")]
     assert len(errors) == 1 and str(model) in errors[0], result.stderr
+    assert reason in errors[0] and "not found" not in errors[0], errors[0]
     assert "Traceback" not in result.stderr
 
 
