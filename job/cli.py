@@ -37,7 +37,7 @@ Exit codes:
   1    unexpected failure (a bug, out of memory): worth a retry
   2    usage or configuration error (bad option, unusable output dir,
        finished run without --overwrite, corrupt checkpoint, output
-       volume full): fix the command or the volume
+       volume full, loss diverged to NaN): fix the command or the volume
   3    MNIST unavailable or corrupt; predict: an image could not be read
   4    requested device unavailable (--device gpu without a GPU)
   130  interrupted (Ctrl-C): rerun to resume from the last checkpoint

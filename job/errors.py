@@ -29,6 +29,11 @@ class ConfigError(JobError):
     exit_code = ExitCode.USAGE
 
 
+class Diverged(ConfigError):
+    """The training loss became NaN or infinite (a learning rate far too high).
+    Exit 2: the same settings diverge the same way again."""
+
+
 class DataError(JobError):
     exit_code = ExitCode.DATA
 

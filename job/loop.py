@@ -21,6 +21,7 @@ do not trigger recompilation.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ from job.checkpoint import TrainState
 # better, but a SIGTERM is only seen between calls: 512 steps take ~0.1 s on
 # one CPU with XLA, ~2 s in the multi-worker graph path.
 MAX_CHUNK_STEPS = 512
+
+
+class LossNotFinite(Exception):
+    """The training loss became NaN or infinite. Raised before anything of
+    that chunk is saved, so the last checkpoint still holds finite weights."""
+
+    def __init__(self, loss: float, epoch: int, step: int):
+        super().__init__(f"the loss became {loss} in epoch {epoch}, by step {step}")
 
 
 @dataclass
@@ -180,6 +189,9 @@ class Trainer:
                 loss_sum, correct, stop_all = self.run_chunk(
                     train, order, state.step, stop, stop_requested()
                 )
+                if not math.isfinite(loss_sum):
+                    # The loss is summed over all replicas: every worker stops here.
+                    raise LossNotFinite(loss_sum, state.epoch + 1, stop)
                 chunk_steps = stop - state.step
                 state.step, state.loss_sum, state.correct = (
                     stop,

@@ -22,7 +22,7 @@ import numpy as np
 
 from job import artifacts, checkpoint, collector, logs
 from job.config import TrainConfig
-from job.errors import ConfigError, JobError, OutOfMemory, Terminated, WorkerLost
+from job.errors import ConfigError, Diverged, JobError, OutOfMemory, Terminated, WorkerLost
 from job.logs import Progress
 from job.strategy import Cluster, resolve_cluster, setup
 
@@ -102,7 +102,7 @@ def _run(
     import keras
     import tensorflow as tf
 
-    from job.loop import Trainer
+    from job.loop import LossNotFinite, Trainer
     from job.model import build_model, build_optimizer
     from job.summaries import Summaries
 
@@ -156,6 +156,12 @@ def _run(
             stop_requested=sigterm.received,
             on_chunk_end=events.chunk_end,
         )
+    except LossNotFinite as err:
+        summaries.close()
+        raise Diverged(
+            f"training diverged: {err} (nothing from then on was saved). Lower "
+            f"--learning-rate (now {config.learning_rate:g}) and pass --overwrite to start over"
+        ) from None
     except (tf.errors.UnavailableError, tf.errors.AbortedError) as err:
         if not placement.cluster.is_multi_worker:
             raise

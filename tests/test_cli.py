@@ -83,6 +83,15 @@ def test_a_model_too_big_for_memory_is_one_line_exit_1(tmp_path):
     assert "--hidden-units" in errors[0]
 
 
+def test_a_diverging_learning_rate_is_one_line_exit_2(tmp_path):
+    result = run_tiny_job("train", "--learning-rate", "1e30", "--output-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0]
+    assert "loss nan" not in result.stderr  # no epoch line with a NaN loss was logged
+
+
 def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
     environ = {
         "AIP_MODEL_DIR": str(tmp_path / "model"),

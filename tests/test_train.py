@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from job.errors import ConfigError
+from job.errors import ConfigError, Diverged
 from job.runner import run
 from tests.events import image_tags, scalars
 
@@ -243,3 +243,25 @@ def test_a_full_disk_is_one_error_and_the_rerun_resumes(tiny, tiny_config, monke
     resumed = run(tiny_config, datasets=tiny)
     assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
     assert [record["epoch"] for record in resumed.metrics["history"]] == [1, 2]
+
+
+def test_a_diverging_run_is_exit_2_and_saves_nothing_of_it(tiny, tiny_config):
+    with pytest.raises(Diverged, match=r"the loss became nan .*Lower --learning-rate") as err:
+        run(tiny_config.replace(learning_rate=1e30), datasets=tiny)
+    assert err.value.exit_code == 2  # the same settings diverge again: no retry
+    assert not tiny_config.checkpoint_path.exists()  # no NaN weights to resume from
+    assert not tiny_config.metrics_path.exists()
+
+
+def test_divergence_leaves_the_last_checkpoint_as_it_was(tiny, tiny_config, monkeypatch):
+    from job.loop import Trainer
+
+    cut_short_after_one_epoch(tiny_config, tiny)
+    before = tiny_config.checkpoint_path.read_bytes()
+    monkeypatch.setattr(Trainer, "run_chunk", lambda *args: (float("nan"), 0.0, False))
+    with pytest.raises(Diverged, match="in epoch 2"):
+        run(tiny_config, datasets=tiny)
+    assert tiny_config.checkpoint_path.read_bytes() == before
+    monkeypatch.undo()
+    resumed = run(tiny_config, datasets=tiny)
+    assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
