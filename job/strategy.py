@@ -177,9 +177,25 @@ class Placement:
         return self.strategy_name in ("default", "one-device")
 
 
+# XLA's CPU multi-output fusion, off by default in TensorFlow 2.21: it updates
+# both of Adam's moments of a weight in one kernel instead of two. The weights
+# come out bit for bit the same; the seed's run compiles ~0.03 s faster and
+# steps ~4% faster. The GPU backend ignores the option.
+XLA_CPU_OPTIONS = "xla_cpu_use_multi_output_fusion"
+
+
+def with_xla_cpu_options(xla_flags: str) -> str:
+    """XLA_FLAGS with our backend options added, unless it sets its own."""
+    if "--xla_backend_extra_options" in xla_flags:
+        return xla_flags
+    return f"{xla_flags} --xla_backend_extra_options={XLA_CPU_OPTIONS}".strip()
+
+
 def setup(config: TrainConfig, cluster: Cluster, strategy=None) -> Placement:
     """Configure TensorFlow for this run and build the strategy (or use the
     injected one, for tests)."""
+    # XLA reads XLA_FLAGS once, when it first compiles: later in the run.
+    os.environ["XLA_FLAGS"] = with_xla_cpu_options(os.environ.get("XLA_FLAGS", ""))
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

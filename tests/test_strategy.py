@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from job.config import TrainConfig
 from job.errors import ConfigError, ExitCode
-from job.strategy import SINGLE, choose_strategy, cpu_threads, resolve_cluster
+from job.strategy import (
+    SINGLE,
+    XLA_CPU_OPTIONS,
+    choose_strategy,
+    cpu_threads,
+    resolve_cluster,
+    with_xla_cpu_options,
+)
 from tests.conftest import run_tiny_job
 
 TWO_WORKERS = {
@@ -134,3 +142,31 @@ def test_device_cpu_trains_and_records_it(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["devices"]["gpus"] == [] and metrics["devices"]["strategy"] == "default"
     assert "global batch 32 = 32 per replica" in result.stderr
+
+
+OURS = f"--xla_backend_extra_options={XLA_CPU_OPTIONS}"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("", OURS),
+        ("--xla_dump_to=/tmp/x", f"--xla_dump_to=/tmp/x {OURS}"),
+        ("--xla_backend_extra_options=mine", "--xla_backend_extra_options=mine"),  # theirs wins
+    ],
+)
+def test_xla_cpu_options_join_the_users_xla_flags(given, expected):
+    assert with_xla_cpu_options(given) == expected
+
+
+def test_the_training_step_compiles_with_multi_output_fusion(tmp_path):
+    """The option reaches XLA: Adam's two moment updates of a weight become one
+    kernel with two outputs (a fusion whose result is a tuple)."""
+    dump = tmp_path / "xla"
+    result = run_tiny_job(
+        "train", "--epochs", "1", "--num-images", "0", "--output-dir", str(tmp_path / "out"),
+        env={"XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_as_text"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (optimized,) = dump.glob("*train_chunk*cpu_after_optimizations.txt")
+    assert re.search(r"= \(f32\[784,128\]\S*, f32\[784,128\]\S*\) fusion\(", optimized.read_text())
