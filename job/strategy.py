@@ -178,9 +178,10 @@ class Placement:
 
 
 # XLA's CPU multi-output fusion, off by default in TensorFlow 2.21: it updates
-# both of Adam's moments of a weight in one kernel instead of two. The weights
-# come out bit for bit the same; the seed's run compiles ~0.03 s faster and
-# steps ~4% faster. The GPU backend ignores the option.
+# both of Adam's moments of a weight in one kernel instead of two. Same math
+# (with --deterministic, bit for bit the same weights; without, they differ in
+# the last bits, as any change of fusion may); the seed's run compiles ~0.03 s
+# faster and steps ~4% faster. The GPU backend ignores the option.
 XLA_CPU_OPTIONS = "xla_cpu_use_multi_output_fusion"
 
 
