@@ -172,8 +172,9 @@ class Trainer:
         on_chunk_end: Callable[[TrainState, float], None] | None = None,
     ) -> bool:
         """Train until `epochs` are complete; False if stopped early (after a
-        checkpoint), True when done. `state` is updated in place.
-        `on_chunk_end(state, mean_loss)` follows every compiled chunk of steps."""
+        checkpoint), True when done; LossNotFinite if the loss diverges.
+        `state` is updated in place. `on_chunk_end(state, mean_loss)` follows
+        every compiled chunk of steps."""
         steps = state.steps_per_epoch
         while state.epoch < epochs:
             order = tf.constant(epoch_order(seed, state.epoch, train.size, self.global_batch))
