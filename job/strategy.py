@@ -1,4 +1,5 @@
-"""Where training runs: devices, CPU threads, the worker cluster, the strategy.
+"""Where training runs: devices, CPU threads, XLA's CPU options, the worker
+cluster, the strategy.
 
 Order matters in TensorFlow: devices and threads must be configured, and a
 multi-worker strategy created, before the first tensor exists. `setup()` does
