@@ -139,3 +139,16 @@ def test_losing_a_worker_fails_the_other_with_one_line_and_exit_1(tmp_path, fail
     assert "Traceback" not in log, log
     assert "mnist-job: error: lost contact with another worker at epoch" in log
     assert f"resume from the last checkpoint in {out / 'checkpoints'}" in log
+
+
+def test_a_diverging_run_stops_every_worker_at_the_same_step_with_exit_2(tmp_path):
+    out = tmp_path / "out"
+    workers = start_two_workers("--learning-rate", "1e30", "--output-dir", str(out))
+    logs = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [2, 2], logs
+    errors = [
+        [line for line in log.splitlines() if "mnist-job: error: training diverged" in line]
+        for log in logs
+    ]
+    assert len(errors[0]) == 1 and errors[0] == errors[1], logs  # same epoch, same step
+    assert not (out / "checkpoints" / "latest.npz").exists()
