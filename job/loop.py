@@ -38,12 +38,9 @@ from job.checkpoint import TrainState
 MAX_CHUNK_STEPS = 512
 
 
-class LossNotFinite(Exception):
-    """The training loss became NaN or infinite. Raised before anything of
-    that chunk is saved, so the last checkpoint still holds finite weights."""
-
-    def __init__(self, loss: float, epoch: int, step: int):
-        super().__init__(f"the loss became {loss} in epoch {epoch}, by step {step}")
+class NotFinite(Exception):
+    """The loss or the weights became NaN or infinite. Raised before anything
+    of that chunk is saved, so the last checkpoint still holds finite weights."""
 
 
 @dataclass
@@ -154,6 +151,20 @@ class Trainer:
         )
         return float(loss_sum), float(correct), bool(stop_all > 0)
 
+    def _checkpoint(self, state: TrainState, on_checkpoint) -> None:
+        # A chunk's last step can overflow the gradients while its loss is
+        # still finite: never let NaN weights replace the last good checkpoint.
+        # Every worker holds the same weights, so all of them stop here.
+        if not all(np.isfinite(v.numpy()).all() for v in self.model.trainable_variables):
+            # `state` already points past the chunk; after an epoch's last one,
+            # to step 0 of the next epoch.
+            if state.step:
+                where = f"epoch {state.epoch + 1}, by step {state.step}"
+            else:
+                where = f"epoch {state.epoch}"
+            raise NotFinite(f"the weights became NaN or infinite in {where}")
+        on_checkpoint(state)
+
     def evaluate(self, data) -> Evaluation:
         loss, accuracy, probabilities = self._evaluate(data.images, data.labels)
         return Evaluation(float(loss), float(accuracy), probabilities.numpy())
@@ -172,7 +183,7 @@ class Trainer:
         on_chunk_end: Callable[[TrainState, float], None] | None = None,
     ) -> bool:
         """Train until `epochs` are complete; False if stopped early (after a
-        checkpoint), True when done; LossNotFinite if the loss diverges.
+        checkpoint), True when done; NotFinite if training diverges.
         `state` is updated in place. `on_chunk_end(state, mean_loss)` follows
         every compiled chunk of steps."""
         steps = state.steps_per_epoch
@@ -192,7 +203,9 @@ class Trainer:
                 )
                 if not math.isfinite(loss_sum):
                     # The loss is summed over all replicas: every worker stops here.
-                    raise LossNotFinite(loss_sum, state.epoch + 1, stop)
+                    raise NotFinite(
+                        f"the loss became {loss_sum} in epoch {state.epoch + 1}, by step {stop}"
+                    )
                 chunk_steps = stop - state.step
                 state.step, state.loss_sum, state.correct = (
                     stop,
@@ -202,10 +215,10 @@ class Trainer:
                 if on_chunk_end is not None:
                     on_chunk_end(state, loss_sum / chunk_steps)
                 if stop_all:
-                    on_checkpoint(state)
+                    self._checkpoint(state, on_checkpoint)
                     return False
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and stop < steps:
-                    on_checkpoint(state)
+                    self._checkpoint(state, on_checkpoint)
             seconds = time.perf_counter() - started
             validation = self.evaluate(test)
             record = {
@@ -219,6 +232,6 @@ class Trainer:
             }
             state.history.append(record)
             state.epoch, state.step, state.loss_sum, state.correct = state.epoch + 1, 0, 0.0, 0.0
-            on_checkpoint(state)
+            self._checkpoint(state, on_checkpoint)
             on_epoch_end(state, record)
         return True

@@ -102,7 +102,7 @@ def _run(
     import keras
     import tensorflow as tf
 
-    from job.loop import LossNotFinite, Trainer
+    from job.loop import NotFinite, Trainer
     from job.model import build_model, build_optimizer
     from job.summaries import Summaries
 
@@ -156,7 +156,7 @@ def _run(
             stop_requested=sigterm.received,
             on_chunk_end=events.chunk_end,
         )
-    except LossNotFinite as err:
+    except NotFinite as err:
         summaries.close()
         raise Diverged(
             f"training diverged: {err} (nothing from then on was saved). Lower "

@@ -253,13 +253,33 @@ def test_a_diverging_run_is_exit_2_and_saves_nothing_of_it(tiny, tiny_config):
     assert not tiny_config.metrics_path.exists()
 
 
-def test_divergence_leaves_the_last_checkpoint_as_it_was(tiny, tiny_config, monkeypatch):
+def nan_loss(trainer, *args):
+    return float("nan"), 0.0, False
+
+
+def nan_weights_behind_a_finite_loss(trainer, *args):
+    """As when the chunk's last step overflows the gradients."""
+    kernel = trainer.model.trainable_variables[0]
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    return 1.0, 0.0, False
+
+
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [
+        (nan_loss, "the loss became nan in epoch 2"),
+        (nan_weights_behind_a_finite_loss, "the weights became NaN or infinite in epoch 2"),
+    ],
+)
+def test_divergence_leaves_the_last_checkpoint_as_it_was(
+    tiny, tiny_config, monkeypatch, chunk, message
+):
     from job.loop import Trainer
 
     cut_short_after_one_epoch(tiny_config, tiny)
     before = tiny_config.checkpoint_path.read_bytes()
-    monkeypatch.setattr(Trainer, "run_chunk", lambda *args: (float("nan"), 0.0, False))
-    with pytest.raises(Diverged, match="in epoch 2"):
+    monkeypatch.setattr(Trainer, "run_chunk", chunk)
+    with pytest.raises(Diverged, match=message):
         run(tiny_config, datasets=tiny)
     assert tiny_config.checkpoint_path.read_bytes() == before
     monkeypatch.undo()
