@@ -30,7 +30,8 @@ class ConfigError(JobError):
 
 
 class Diverged(ConfigError):
-    """The training loss became NaN or infinite (a learning rate far too high).
+    """The training loss or weights became NaN or infinite (a learning rate far
+    too high).
     Exit 2: the same settings diverge the same way again."""
 
 
