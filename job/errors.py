@@ -31,8 +31,7 @@ class ConfigError(JobError):
 
 class Diverged(ConfigError):
     """The training loss or weights became NaN or infinite (a learning rate far
-    too high).
-    Exit 2: the same settings diverge the same way again."""
+    too high). Exit 2: the same settings diverge the same way again."""
 
 
 class DataError(JobError):
