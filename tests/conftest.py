@@ -56,6 +56,11 @@ def run_job(
     )
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The one-line errors the CLI printed, without TensorFlow's own chatter."""
+    return [line for line in stderr.splitlines() if line.startswith("mnist-job: error:")]
+
+
 def run_tiny_job(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI on tiny data in a subprocess (see tests/tiny_job.py)."""
     return subprocess.run(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from job.cli import _apply_platform_env
-from tests.conftest import run_job, run_tiny_job
+from tests.conftest import error_lines, run_job, run_tiny_job
 
 
 def test_help_is_fast_and_does_not_import_tensorflow():
@@ -77,7 +77,7 @@ def test_a_model_too_big_for_memory_is_one_line_exit_1(tmp_path):
     result = run_tiny_job("train", "--hidden-units", units, "--output-dir", str(tmp_path))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1
     assert f"out of memory (OOM when allocating tensor with shape[784,{units}])" in errors[0]
     assert "--hidden-units" in errors[0]
@@ -87,7 +87,7 @@ def test_a_diverging_learning_rate_is_one_line_exit_2(tmp_path):
     result = run_tiny_job("train", "--learning-rate", "1e30", "--output-dir", str(tmp_path))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1 and "training diverged" in errors[0]
     assert "loss nan" not in result.stderr  # no epoch line with a NaN loss was logged
 

@@ -14,7 +14,7 @@ from job.config import TrainConfig
 from job.data import Mnist
 from job.predict import BadImage, predict_files, preprocess, read_image
 from job.runner import run
-from tests.conftest import run_job
+from tests.conftest import error_lines, run_job
 from tests.digits import dataset, render
 
 FORMATS = ("PNG", "JPEG", "BMP")
@@ -142,7 +142,7 @@ def test_cli_prints_good_files_and_one_error_line_per_bad_file(model_dir, mixed_
     assert [line.split(":")[0] for line in lines] == [str(good[0]), str(good[1])]
     assert lines[0].split(": ")[1].startswith("4 (") and "top-3:" in lines[0]
     assert lines[1].split(": ")[1].startswith("7 (")
-    errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-job: error:")]
+    errors = error_lines(result.stderr)
     for path, reason in zip(bad, ("not an image", "empty file", "truncated"), strict=True):
         assert any(str(path) in line and reason in line for line in errors), (path, errors)
     assert "3 of 5 images could not be read" in errors[-1]
