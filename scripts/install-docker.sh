@@ -21,6 +21,22 @@ fi
 
 engine_up() { docker info >/dev/null 2>&1; }
 
+# A pid file whose daemon no longer runs survives where /run is not a fresh
+# tmpfs (a machine started from an image taken while docker ran). If its
+# number now belongs to another process, dockerd refuses to start ("pid file
+# found"), or takes that process for its containerd and times out waiting.
+# Remove a pid file unless its process is the daemon it names.
+clear_stale_pidfile() {  # file daemon
+  local file=$1 daemon=$2 pid
+  [ -e "$file" ] || return 0
+  pid=$(tr -dc '0-9' <"$file" 2>/dev/null || true)
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$daemon" ]; then
+    return 0
+  fi
+  log "removing stale $file (pid ${pid:-none} is not a running $daemon)"
+  $SUDO rm -f "$file"
+}
+
 if command -v docker >/dev/null 2>&1 && engine_up; then
   log "engine already running: $(docker info --format '{{.ServerVersion}} ({{.Driver}})')"
   exit 0
@@ -45,6 +61,8 @@ if ! engine_up; then
     $SUDO systemctl start docker
   else
     logfile="${DOCKERD_LOG:-${TMPDIR:-/tmp}/dockerd.log}"
+    clear_stale_pidfile /var/run/docker.pid dockerd
+    clear_stale_pidfile /var/run/docker/containerd/containerd.pid containerd
     log "starting dockerd in the background (log: $logfile)"
     # setsid: the daemon outlives this script and the CI step that ran it.
     $SUDO setsid dockerd >"$logfile" 2>&1 </dev/null &
