@@ -34,10 +34,12 @@ EXIT_CODES_HELP = """
 \b
 Exit codes:
   0    success
-  1    unexpected failure (a bug, out of memory): worth a retry
-  2    usage or configuration error (bad option, unusable output dir,
-       finished run without --overwrite, corrupt checkpoint, output
-       volume full, loss diverged to NaN): fix the command or the volume
+  1    unexpected failure (a bug, out of memory, a lost worker): worth a
+       retry, which resumes from the last checkpoint
+  2    usage or configuration error (bad option or environment, unusable
+       output dir, finished run without --overwrite, checkpoint corrupt or
+       made with other settings, output volume full or read-only, loss or
+       weights diverged to NaN): fix the command or the volume
   3    MNIST unavailable or corrupt; predict: an image could not be read
   4    requested device unavailable (--device gpu without a GPU)
   130  interrupted (Ctrl-C): rerun to resume from the last checkpoint
@@ -122,7 +124,9 @@ model_option = option(
     default=DEFAULTS.output_dir,
     help="A model.keras file, or an output dir of `mnist-job train` holding one.",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+json_option = option(
+    "--json", "as_json", is_flag=True, help="Print JSON for machines.", show_default=False
+)
 
 
 @click.group(
@@ -163,7 +167,7 @@ def cli() -> None:
     "--seed",
     type=click.IntRange(0, MAX_SEED),
     default=DEFAULTS.seed,
-    help="Seeds initialisation and shuffling.",
+    help="Seeds initialisation, shuffling and the choice of images in predictions.png.",
 )
 @option(
     "--deterministic/--no-deterministic",
@@ -183,7 +187,7 @@ def cli() -> None:
     "--num-images",
     type=click.IntRange(0, MAX_NUM_IMAGES),
     default=DEFAULTS.num_images,
-    help="Test images in predictions.png.",
+    help="Test images in predictions.png (0: no predictions.png).",
 )
 @option(
     "--overwrite/--no-overwrite",

@@ -42,6 +42,26 @@ def test_train_help_documents_every_option_with_env_var_and_exit_codes():
     assert "143" in result.stdout
 
 
+def test_every_option_of_every_command_has_its_env_var():
+    # The containers and manifests configure the job through MNIST_JOB_*.
+    import click
+
+    from job.cli import cli
+
+    def commands(group):
+        for command in group.commands.values():
+            yield from commands(command) if isinstance(command, click.Group) else [command]
+
+    missing = [
+        f"{command.name} {param.opts[0]}"
+        for command in commands(cli)
+        for param in command.params
+        if isinstance(param, click.Option) and not param.hidden and param.name != "help"
+        and param.envvar != "MNIST_JOB_" + param.opts[0].lstrip("-").upper().replace("-", "_")
+    ]  # fmt: skip
+    assert not missing
+
+
 @pytest.mark.parametrize(
     ("args", "env", "names"),
     [

@@ -161,6 +161,15 @@ def test_cpu_image_trains_read_only_without_network(cpu_image, tmp_path):
     metrics = assert_trained(out)
     assert metrics["test"]["accuracy"] > 0.7  # 2,000 images, one epoch
     assert NO_GPU_LOG in result.stdout
+    # `predict` and `evaluate` find the model where `train` left it, no --model.
+    evaluated = docker_run(cpu_image, "evaluate", "--json", volumes={out: "/outputs"})
+    assert evaluated.returncode == 0, evaluated.stdout
+    assert '"model": "/outputs/model.keras"' in evaluated.stdout
+    predicted = docker_run(
+        cpu_image, "predict", "/outputs/predictions.png", volumes={out: "/outputs"}
+    )
+    assert predicted.returncode == 0, predicted.stdout
+    assert re.search(r"^/outputs/predictions.png: \d \(", predicted.stdout, re.MULTILINE)
 
 
 def test_plain_docker_run_on_a_fresh_host_dir(cpu_image, tmp_path):
