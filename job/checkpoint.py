@@ -59,10 +59,13 @@ def load(path: Path) -> tuple[list, list, TrainState] | None:
     if not path.exists():
         return None
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a complete .npz archive")
         with np.load(path, allow_pickle=False) as npz:
             state = TrainState(**json.loads(str(npz["state"])))
             weights = _numbered(npz, "weight_")
             optimizer_variables = _numbered(npz, "optimizer_")
+        _check_state(state)
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise ConfigError(
             f"checkpoint {path} is corrupt ({err}); delete it, or pass --overwrite to start over"
@@ -70,6 +73,38 @@ def load(path: Path) -> tuple[list, list, TrainState] | None:
     except OSError as err:
         raise JobError(f"checkpoint {path} could not be read ({err})") from None
     return weights, optimizer_variables, state
+
+
+def _check_state(state: TrainState) -> None:
+    counters = (state.epoch, state.step, state.steps_per_epoch)
+    if not all(type(n) is int and n >= 0 for n in counters) or state.step > state.steps_per_epoch:
+        raise ValueError(f"bad counters: epoch {state.epoch!r}, step {state.step!r}")
+    sums = (state.loss_sum, state.correct)
+    if not all(type(x) in (int, float) for x in sums):
+        raise ValueError(f"bad running sums: {sums!r}")
+    if not isinstance(state.history, list) or not isinstance(state.fingerprint, dict):
+        raise ValueError("bad history or fingerprint")
+
+
+def check_fits(weights, model_weights, optimizer_values, optimizer_variables, path: Path) -> None:
+    """Refuse, before assigning any of them, arrays that do not fit the model or
+    the optimizer: a half-loaded model must never be trained on."""
+    for what, saved, variables in (
+        ("weight", weights, model_weights),
+        ("optimizer", optimizer_values, optimizer_variables),
+    ):
+        if len(saved) != len(variables):
+            raise ConfigError(
+                f"checkpoint {path} is corrupt ({len(saved)} {what} arrays, the model has "
+                f"{len(variables)}); delete it, or pass --overwrite to start over"
+            )
+        for i, (array, variable) in enumerate(zip(saved, variables, strict=True)):
+            if tuple(np.shape(array)) != tuple(variable.shape):
+                raise ConfigError(
+                    f"checkpoint {path} is corrupt ({what} {i} has shape {np.shape(array)}, "
+                    f"the model's {tuple(variable.shape)}); delete it, or pass --overwrite "
+                    "to start over"
+                )
 
 
 def _numbered(npz, prefix: str) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import platform
 import re
 import shutil
@@ -66,9 +67,13 @@ def _explain(err: Exception) -> JobError | None:
     """One line for a failure of the machine rather than of the code, where a
     traceback would only bury the cause; None for anything else."""
     tf = sys.modules.get("tensorflow")  # not imported yet: not TensorFlow's error
-    if isinstance(err, MemoryError) or (
-        tf is not None and isinstance(err, tf.errors.ResourceExhaustedError)
-    ):
+    tf_exhausted = tf is not None and isinstance(err, tf.errors.ResourceExhaustedError)
+    if tf_exhausted:
+        # TensorFlow's own file writes (the SavedModel's) report a full disk so too.
+        for code in _VOLUME_ERRORS:
+            if os.strerror(code) in str(err):
+                return _volume_error(os.strerror(code), " (TensorFlow writing a file)")
+    if isinstance(err, MemoryError) or tf_exhausted:
         # TensorFlow's message is a page of kernel and device names; the shape is the news.
         shape = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(err))
         return OutOfMemory(
@@ -76,14 +81,17 @@ def _explain(err: Exception) -> JobError | None:
             "lower --hidden-units or --batch-size, or give the job more memory"
         )
     if isinstance(err, OSError) and err.errno in _VOLUME_ERRORS:
-        # Every file is written beside its target and renamed into place, so a
-        # failed write leaves the previous checkpoint and artifacts as they were.
-        where = f" writing {err.filename}" if err.filename else ""
-        return ConfigError(
-            f"{err.strerror}{where}: the checkpoints and files written before are intact; "
-            "make room (or make the volume writable) and rerun the same command to resume"
-        )
+        return _volume_error(err.strerror, f" writing {err.filename}" if err.filename else "")
     return None
+
+
+def _volume_error(reason: str, where: str) -> ConfigError:
+    # Every file is written beside its target and renamed into place, so a
+    # failed write leaves the previous checkpoint and artifacts as they were.
+    return ConfigError(
+        f"{reason}{where}: the checkpoints and files written before are intact; "
+        "make room (or make the volume writable) and rerun the same command to resume"
+    )
 
 
 def _run(
@@ -96,8 +104,10 @@ def _run(
     startup_done,
 ) -> RunResult:
     is_chief = cluster.is_chief
+    # Every worker decides this before the chief deletes anything.
+    replaces_finished_run = config.overwrite and config.metrics_path.exists()
     if is_chief:
-        _prepare_output_dir(config)
+        _check_output_dirs(config)
     placement = _set_up(config, cluster, strategy)
     import keras
     import tensorflow as tf
@@ -129,7 +139,13 @@ def _run(
         global_batch=config.batch_size,
         jit_compile=placement.compiles_with_xla,
     )
-    state = _restore(config, model, optimizer, steps_per_epoch, train.size)
+    if replaces_finished_run and is_chief:
+        # Only now: an option, the device or the data that fails its check
+        # must leave the finished run as it was.
+        _discard_finished_run(config)
+    state = _restore(
+        config, model, optimizer, steps_per_epoch, train.size, fresh=replaces_finished_run
+    )
     if placement.cluster.is_multi_worker:
         _check_workers_agree(placement.strategy, state.global_step, tf)
     start_step = state.global_step
@@ -336,18 +352,27 @@ def _load_splits(config: TrainConfig, datasets, tf):
     return train, test, (mnist.x_test, mnist.y_test)
 
 
-def _prepare_output_dir(config: TrainConfig) -> None:
-    artifacts.ensure_writable_dir(config.output_dir, "output dir")
-    if not config.metrics_path.exists():
-        return
-    if not config.overwrite:
+def _check_output_dirs(config: TrainConfig) -> None:
+    """Fail before any training if a dir we write cannot take files, or if the
+    output dir holds a finished run that is not to be replaced."""
+    for path, what in (
+        (config.output_dir, "output dir"),
+        (config.model_path.parent, "model dir"),
+        (config.checkpoint_path.parent, "checkpoint dir"),
+        (config.tensorboard_path, "TensorBoard dir"),
+    ):
+        artifacts.ensure_writable_dir(path, what)
+    if config.metrics_path.exists() and not config.overwrite:
         raise ConfigError(
             f"{config.output_dir} holds a finished run (metrics.json): "
             "pass --overwrite to replace it, or choose another --output-dir"
         )
+
+
+def _discard_finished_run(config: TrainConfig) -> None:
     log.warning("--overwrite: replacing the finished run in %s", config.output_dir)
     # The metrics go first, so an interrupted overwrite never looks finished.
-    config.metrics_path.unlink()
+    config.metrics_path.unlink(missing_ok=True)
     _discard_training_state(config)
 
 
@@ -369,15 +394,28 @@ def _fingerprint(config: TrainConfig, train_size: int) -> dict:
     }
 
 
-def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int):
+def _restore(config, model, optimizer, steps_per_epoch: int, train_size: int, fresh: bool):
+    """The state to train from: the checkpoint's, loaded into the model and the
+    optimizer, or a new one (`fresh`, no checkpoint, or --overwrite of one that
+    cannot be resumed)."""
     fingerprint = _fingerprint(config, train_size)
     try:
-        saved = checkpoint.load(config.checkpoint_path)
+        saved = None if fresh else checkpoint.load(config.checkpoint_path)
         if saved is None:
             return checkpoint.TrainState(steps_per_epoch=steps_per_epoch, fingerprint=fingerprint)
         weights, optimizer_values, state = saved
         checkpoint.check_compatible(state, fingerprint, config.checkpoint_path)
-    except ConfigError as err:  # a corrupt checkpoint, or one of other settings
+        checkpoint.check_fits(
+            weights, model.weights, optimizer_values, optimizer.variables, config.checkpoint_path
+        )
+        if state.global_step > config.epochs * steps_per_epoch:
+            raise ConfigError(
+                f"checkpoint {config.checkpoint_path} is past --epochs {config.epochs} (at "
+                f"epoch {state.epoch + 1}, step {state.step}): pass --epochs "
+                f"{state.epoch + (1 if state.step else 0)} or more to resume it, "
+                "or --overwrite to start over"
+            )
+    except ConfigError as err:  # corrupt, of other settings, or past --epochs
         if not config.overwrite:
             raise
         # --overwrite starts over from a corrupt checkpoint or one of other

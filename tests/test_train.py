@@ -116,11 +116,53 @@ def test_overwrite_replaces_a_finished_run(tmp_path, tiny, tiny_config):
     assert [step for step, _ in found["epoch_loss"]] == [1]
 
 
-def test_unwritable_output_dir_is_a_config_error(tmp_path, tiny, tiny_config):
+@pytest.mark.parametrize(
+    ("option", "what"),
+    [
+        ("output_dir", "output dir"),
+        ("model_dir", "model dir"),
+        ("checkpoint_dir", "checkpoint dir"),
+        ("tensorboard_dir", "TensorBoard dir"),
+    ],
+)
+def test_an_unwritable_dir_is_a_config_error_before_training(
+    tmp_path, tiny, tiny_config, monkeypatch, option, what
+):
+    from job.loop import Trainer
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(ConfigError, match="not writable"):
-        run(tiny_config.replace(output_dir=blocker / "out"), datasets=tiny)
+    monkeypatch.setattr(Trainer, "fit", None)  # training would crash the test
+    with pytest.raises(ConfigError, match=f"^{what} .* is not writable"):
+        run(tiny_config.replace(**{option: blocker / "sub"}), datasets=tiny)
+
+
+def _files(directory) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["batch size", "data"])
+def test_overwrite_that_fails_its_checks_leaves_the_finished_run_intact(
+    tiny, tiny_config, monkeypatch, failure
+):
+    from job import runner
+    from job.errors import DataError
+
+    run(tiny_config, datasets=tiny)
+    before = _files(tiny_config.output_dir)
+    again = tiny_config.replace(overwrite=True)
+    if failure == "batch size":
+        again, error = again.replace(batch_size=100_000), ConfigError
+    else:
+
+        def unavailable(*args):
+            raise DataError("cannot get MNIST")
+
+        monkeypatch.setattr(runner, "_load_splits", unavailable)
+        error = DataError
+    with pytest.raises(error):
+        run(again, datasets=tiny)
+    assert _files(tiny_config.output_dir) == before
 
 
 def cut_short_after_one_epoch(config, tiny):
@@ -222,6 +264,68 @@ def test_a_corrupt_checkpoint_is_exit_2_and_overwrite_starts_over(tiny, tiny_con
     fresh = run(tiny_config.replace(overwrite=True), datasets=tiny)
     assert fresh.metrics["resumed_from"] is None
     assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
+
+
+def test_a_checkpoint_past_epochs_is_refused_and_overwrite_starts_over(tiny, tiny_config):
+    cut_short_after_one_epoch(tiny_config.replace(epochs=3), tiny)  # 1 of 3 epochs done...
+    run(tiny_config.replace(epochs=2), datasets=tiny)  # ...then 2, and crashed before the end
+    tiny_config.metrics_path.unlink()
+    with pytest.raises(ConfigError, match=r"past --epochs 1 .*pass --epochs 2 or more") as err:
+        run(tiny_config.replace(epochs=1), datasets=tiny)
+    assert err.value.exit_code == 2
+    fresh = run(tiny_config.replace(epochs=1, overwrite=True), datasets=tiny)
+    assert fresh.metrics["resumed_from"] is None
+    assert [record["epoch"] for record in fresh.metrics["history"]] == [1]
+
+
+def _drop_last_weight(arrays):
+    del arrays[max(k for k in arrays if k.startswith("weight_"))]
+
+
+def _cut_first_weight(arrays):
+    arrays["weight_0"] = arrays["weight_0"][:100]
+
+
+def _bad_counter(arrays):
+    state = json.loads(str(arrays["state"]))
+    arrays["state"] = np.array(json.dumps({**state, "epoch": "x"}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_last_weight, "5 weight arrays, the model has 6"),
+        (_cut_first_weight, "weight 0 has shape (100, 128), the model's (784, 128)"),
+        (_bad_counter, "bad counters"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_is_exit_2_and_overwrite_starts_over(
+    tiny, tiny_config, damage, message
+):
+    cut_short_after_one_epoch(tiny_config, tiny)
+    latest = tiny_config.checkpoint_path
+    with np.load(latest) as npz:
+        arrays = dict(npz)
+    damage(arrays)
+    with open(latest, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(ConfigError, match="is corrupt") as err:
+        run(tiny_config, datasets=tiny)
+    assert message in str(err.value)
+    fresh = run(tiny_config.replace(overwrite=True), datasets=tiny)
+    assert fresh.metrics["resumed_from"] is None
+
+
+def test_a_full_disk_in_tensorflow_is_a_volume_error_not_out_of_memory():
+    from job.runner import _explain
+
+    err = tf.errors.ResourceExhaustedError(
+        None, None, "/out/saved_model.tmp/variables/x.data; No space left on device"
+    )
+    explained = _explain(err)
+    assert isinstance(explained, ConfigError) and explained.exit_code == 2
+    assert str(explained).startswith("No space left on device (TensorFlow writing a file)")
+    assert "out of memory" in str(_explain(tf.errors.ResourceExhaustedError(None, None, "OOM")))
 
 
 def test_a_full_disk_is_one_error_and_the_rerun_resumes(tiny, tiny_config, monkeypatch):
