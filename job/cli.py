@@ -20,6 +20,7 @@ from job.config import (
     DEFAULTS,
     DEVICES,
     LOG_FORMATS,
+    MAX_HIDDEN_UNITS,
     MAX_NUM_IMAGES,
     MAX_PORT,
     MAX_SEED,
@@ -79,10 +80,25 @@ class HiddenUnits(click.ParamType):
             units = ()
         if not units or min(units) < 1:
             self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
+        if max(units) > MAX_HIDDEN_UNITS:
+            self.fail(f"{value!r} has a layer wider than {MAX_HIDDEN_UNITS} units", param, ctx)
         return units
 
 
-PATH = click.Path(path_type=Path, file_okay=False)
+class DirectoryPath(click.Path):
+    """A directory; an empty value is refused, where a plain Path would make it
+    the working directory (and --overwrite would clear its checkpoints/)."""
+
+    def __init__(self):
+        super().__init__(path_type=Path, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path; leave the option out for the default", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = DirectoryPath()
 POSITIVE = click.IntRange(min=1)
 
 data_dir_option = option(
@@ -440,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="mnist-job", standalone_mode=False)
     except click.exceptions.Abort:
+        click.echo("mnist-job: interrupted; rerun train to resume from its checkpoint", err=True)
         code = ExitCode.INTERRUPTED
     except click.ClickException as err:
         click.echo(f"mnist-job: error: {err.format_message()}", err=True)

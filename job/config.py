@@ -23,6 +23,8 @@ LOG_FORMATS = ("auto", "text", "json")
 MAX_NUM_IMAGES = 100
 MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 MAX_PORT = 65535
+# A layer wider than this would not fit any machine (784 x 2**31 float32 = 6.7 TB).
+MAX_HIDDEN_UNITS = 2**31 - 1
 
 
 def default_data_dir() -> Path:
@@ -87,8 +89,13 @@ class TrainConfig:
             raise ConfigError(
                 f"--worker-port must be between 1 and {MAX_PORT}, got {self.worker_port}"
             )
-        if not self.hidden_units or any(units < 1 for units in self.hidden_units):
-            raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
+        if not self.hidden_units or any(
+            not 1 <= units <= MAX_HIDDEN_UNITS for units in self.hidden_units
+        ):
+            raise ConfigError(
+                f"--hidden-units must be integers from 1 to {MAX_HIDDEN_UNITS}, "
+                f"got {self.hidden_units}"
+            )
         if not 0 <= self.num_images <= MAX_NUM_IMAGES:
             raise ConfigError(
                 f"--num-images must be between 0 and {MAX_NUM_IMAGES}, got {self.num_images}"

@@ -89,9 +89,14 @@ def _parse_tf_config(raw: str) -> Cluster:
     try:
         tf_config = json.loads(raw)
         spec, task = tf_config.get("cluster", {}), tf_config.get("task", {})
-        task_type, task_index = task.get("type", "worker"), int(task.get("index", 0))
+        task_type, task_index = task.get("type", "worker"), task.get("index", 0)
     except (ValueError, TypeError, AttributeError) as err:
         raise ConfigError(f"TF_CONFIG is not valid cluster JSON: {err}") from None
+    # int() would take 1.7 or true for worker 1, which then waits for peers forever.
+    if type(task_index) is str and task_index.isdigit():
+        task_index = int(task_index)
+    if type(task_index) is not int:
+        raise ConfigError(f"TF_CONFIG task index must be a whole number, got {task_index!r}")
     if not isinstance(spec, dict):
         raise ConfigError(f"TF_CONFIG cluster must map task types to addresses, got {spec!r}")
     for kind, addresses in spec.items():

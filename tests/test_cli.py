@@ -78,6 +78,8 @@ def test_every_option_of_every_command_has_its_env_var():
         (["--strategy", "bogus"], {}, "multi-worker"),  # the error lists valid names
         (["--no-such-option"], {}, "--no-such-option"),
         ([], {"MNIST_JOB_EPOCHS": "0"}, "epochs"),
+        (["--hidden-units", "99999999999999999999999"], {}, "--hidden-units"),  # past int64
+        (["--output-dir", ""], {}, "--output-dir"),  # would be the working directory
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, env, names):
@@ -110,6 +112,23 @@ def test_a_diverging_learning_rate_is_one_line_exit_2(tmp_path):
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "training diverged" in errors[0]
     assert "loss nan" not in result.stderr  # no epoch line with a NaN loss was logged
+
+
+def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
+    import click
+
+    from job import cli
+
+    def interrupted(*args, **kwargs):
+        raise click.exceptions.Abort()  # what click makes of a KeyboardInterrupt
+
+    monkeypatch.setattr(cli.cli, "main", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mnist-job: interrupted; rerun train to resume from its checkpoint"
+    ]
 
 
 def test_platform_env_fills_unset_options_and_flags_win(tmp_path):

@@ -73,7 +73,10 @@ def test_tf_config_with_a_chief_task():
         # A string, not a list: TensorFlow would split it into characters.
         ({"cluster": {"worker": "w0:2222"}, "task": {}}, 'list of "host:port"'),
         ({"cluster": {"worker": ["w0"]}, "task": {}}, 'list of "host:port"'),
-        ({"cluster": {"worker": ["w0:2222"]}, "task": {"index": "x"}}, "not valid cluster JSON"),
+        ({"cluster": {"worker": ["w0:2222"]}, "task": {"index": "x"}}, "must be a whole number"),
+        # int() would make these worker 1, which then waits for peers forever.
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"index": 1.7}}, "whole number, got 1.7"),
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"index": True}}, "got True"),
         # Past the end: it would train alone, not as the chief, and write nothing.
         ({"cluster": {"worker": ["w0:2222"]}, "task": {"index": 5}}, "index 5 is out of range"),
     ],
