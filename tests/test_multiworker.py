@@ -152,3 +152,17 @@ def test_a_diverging_run_stops_every_worker_at_the_same_step_with_exit_2(tmp_pat
     ]
     assert len(errors[0]) == 1 and errors[0] == errors[1], logs  # same epoch, same step
     assert not (out / "checkpoints" / "latest.npz").exists()
+
+
+def test_overwrite_of_a_finished_run_starts_every_worker_over(tmp_path):
+    # The chief deletes the finished run late, after every check; the other
+    # worker must not resume from the old checkpoint in the meantime.
+    out = tmp_path / "out"
+    for _ in range(2):
+        workers = start_two_workers("--epochs", "2", "--output-dir", str(out), "--overwrite")
+        logs = [worker.communicate(timeout=300)[1] for worker in workers]
+        assert [worker.returncode for worker in workers] == [0, 0], logs
+    assert "replacing the finished run" in logs[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] is None
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2]
