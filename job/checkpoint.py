@@ -59,8 +59,9 @@ def load(path: Path) -> tuple[list, list, TrainState] | None:
     if not path.exists():
         return None
     try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not a complete .npz archive")
+        with open(path, "rb") as f:  # an I/O error stays one (below), unlike in is_zipfile
+            if f.read(4) != b"PK\x03\x04":  # np.load would try anything else as a pickle
+                raise ValueError("not an .npz archive")
         with np.load(path, allow_pickle=False) as npz:
             state = TrainState(**json.loads(str(npz["state"])))
             weights = _numbered(npz, "weight_")

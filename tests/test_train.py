@@ -254,11 +254,23 @@ def test_overwrite_starts_over_from_a_checkpoint_of_other_settings(tmp_path, tin
     assert [step for step, _ in found["epoch_loss"]] == [1, 2]
 
 
-def test_a_corrupt_checkpoint_is_exit_2_and_overwrite_starts_over(tiny, tiny_config):
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: data[:1000], ""),  # a half-copied file
+        (lambda data: b"some other file", "not an .npz archive"),
+    ],
+    ids=["truncated", "not-npz"],
+)
+def test_a_corrupt_checkpoint_is_exit_2_and_overwrite_starts_over(
+    tiny, tiny_config, damage, reason
+):
     cut_short_after_one_epoch(tiny_config, tiny)
     latest = tiny_config.checkpoint_path
-    latest.write_bytes(latest.read_bytes()[:1000])  # a half-copied file
-    with pytest.raises(ConfigError, match=r"is corrupt .*pass --overwrite to start over") as err:
+    latest.write_bytes(damage(latest.read_bytes()))
+    with pytest.raises(
+        ConfigError, match=f"is corrupt \\({reason}.*pass --overwrite to start over"
+    ) as err:
         run(tiny_config, datasets=tiny)
     assert err.value.exit_code == 2  # a retry would read the same bytes
     fresh = run(tiny_config.replace(overwrite=True), datasets=tiny)
