@@ -20,7 +20,6 @@ from job.config import (
     DEFAULTS,
     DEVICES,
     LOG_FORMATS,
-    MAX_HIDDEN_UNITS,
     MAX_NUM_IMAGES,
     MAX_PORT,
     MAX_SEED,
@@ -80,8 +79,6 @@ class HiddenUnits(click.ParamType):
             units = ()
         if not units or min(units) < 1:
             self.fail(f"{value!r} is not a comma-separated list of positive integers", param, ctx)
-        if max(units) > MAX_HIDDEN_UNITS:
-            self.fail(f"{value!r} has a layer wider than {MAX_HIDDEN_UNITS} units", param, ctx)
         return units
 
 

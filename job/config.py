@@ -8,6 +8,7 @@ flags and `MNIST_JOB_*` environment variables; tests build one directly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ LOG_FORMATS = ("auto", "text", "json")
 MAX_NUM_IMAGES = 100
 MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 MAX_PORT = 65535
-# A layer wider than this would not fit any machine (784 x 2**31 float32 = 6.7 TB).
-MAX_HIDDEN_UNITS = 2**31 - 1
+# Weights in one layer, at most: past this TensorFlow's int64 sizes overflow (a
+# traceback); up to it, a layer too big for memory (2**58 float32 are 1 EB, past
+# any address space) fails with one out-of-memory line.
+MAX_LAYER_WEIGHTS = 2**58
 
 
 def default_data_dir() -> Path:
@@ -89,13 +92,17 @@ class TrainConfig:
             raise ConfigError(
                 f"--worker-port must be between 1 and {MAX_PORT}, got {self.worker_port}"
             )
-        if not self.hidden_units or any(
-            not 1 <= units <= MAX_HIDDEN_UNITS for units in self.hidden_units
-        ):
-            raise ConfigError(
-                f"--hidden-units must be integers from 1 to {MAX_HIDDEN_UNITS}, "
-                f"got {self.hidden_units}"
-            )
+        if not self.hidden_units or any(units < 1 for units in self.hidden_units):
+            raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
+        from job.data import IMAGE_SHAPE, NUM_CLASSES  # not above: job.data imports this
+
+        widths = (math.prod(IMAGE_SHAPE), *self.hidden_units, NUM_CLASSES)
+        for inputs, units in itertools.pairwise(widths):
+            if inputs * units > MAX_LAYER_WEIGHTS:
+                raise ConfigError(
+                    f"--hidden-units: a layer of {inputs} x {units} weights is more than "
+                    f"TensorFlow can address (2**58)"
+                )
         if not 0 <= self.num_images <= MAX_NUM_IMAGES:
             raise ConfigError(
                 f"--num-images must be between 0 and {MAX_NUM_IMAGES}, got {self.num_images}"

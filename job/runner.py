@@ -357,11 +357,14 @@ def _check_output_dirs(config: TrainConfig) -> None:
     output dir holds a finished run that is not to be replaced."""
     for path, what in (
         (config.output_dir, "output dir"),
-        (config.model_path.parent, "model dir"),
-        (config.checkpoint_path.parent, "checkpoint dir"),
-        (config.tensorboard_path, "TensorBoard dir"),
+        # Dirs set apart from the output dir; the defaults inside it are made
+        # when first written, so a run that fails its checks leaves none behind.
+        (config.model_dir, "model dir"),
+        (config.checkpoint_dir, "checkpoint dir"),
+        (config.tensorboard_dir, "TensorBoard dir"),
     ):
-        artifacts.ensure_writable_dir(path, what)
+        if path is not None:
+            artifacts.ensure_writable_dir(path, what)
     if config.metrics_path.exists() and not config.overwrite:
         raise ConfigError(
             f"{config.output_dir} holds a finished run (metrics.json): "

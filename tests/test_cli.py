@@ -79,6 +79,7 @@ def test_every_option_of_every_command_has_its_env_var():
         (["--no-such-option"], {}, "--no-such-option"),
         ([], {"MNIST_JOB_EPOCHS": "0"}, "epochs"),
         (["--hidden-units", "99999999999999999999999"], {}, "--hidden-units"),  # past int64
+        (["--hidden-units", "100000000000,100000000000"], {}, "--hidden-units"),  # 1e22 weights
         (["--output-dir", ""], {}, "--output-dir"),  # would be the working directory
     ],
 )
