@@ -5,6 +5,7 @@ into place (rename is atomic within a filesystem)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -37,6 +38,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    # Temporaries of earlier writes of this target that a kill interrupted:
+    # only one process writes a target, so none of them is in use.
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     _fsync_dir(target.parent)
 
 

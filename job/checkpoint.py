@@ -32,6 +32,7 @@ class TrainState:
     steps_per_epoch: int = 0
     loss_sum: float = 0.0  # running sums for the current epoch's metrics
     correct: float = 0.0
+    seconds: float = 0.0  # spent on the current epoch's steps, across resumes
     history: list[dict] = field(default_factory=list)  # one dict per completed epoch
     fingerprint: dict = field(default_factory=dict)  # settings that must not change
 
@@ -80,7 +81,7 @@ def _check_state(state: TrainState) -> None:
     counters = (state.epoch, state.step, state.steps_per_epoch)
     if not all(type(n) is int and n >= 0 for n in counters) or state.step > state.steps_per_epoch:
         raise ValueError(f"bad counters: epoch {state.epoch!r}, step {state.step!r}")
-    sums = (state.loss_sum, state.correct)
+    sums = (state.loss_sum, state.correct, state.seconds)
     if not all(type(x) in (int, float) for x in sums):
         raise ValueError(f"bad running sums: {sums!r}")
     if not isinstance(state.history, list) or not isinstance(state.fingerprint, dict):

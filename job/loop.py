@@ -65,8 +65,19 @@ def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np
 class Trainer:
     """Runs epochs and chunks of steps; the runner decides what to save when."""
 
-    def __init__(self, model, optimizer, strategy, global_batch: int, jit_compile: bool):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        strategy,
+        global_batch: int,
+        jit_compile: bool,
+        single_process: bool = True,
+    ):
         self.model = model
+        # Several workers must stop at the same step, so they vote inside a
+        # chunk, which acts on a SIGTERM one chunk late; one process stops at once.
+        self.single_process = single_process
         self.optimizer = optimizer
         self.strategy = strategy
         self.global_batch = global_batch
@@ -189,9 +200,11 @@ class Trainer:
         steps = state.steps_per_epoch
         while state.epoch < epochs:
             order = tf.constant(epoch_order(seed, state.epoch, train.size, self.global_batch))
-            started = time.perf_counter()
-            trained_before = state.step
+            started, seconds_before = time.perf_counter(), state.seconds
             while state.step < steps:
+                if self.single_process and stop_requested():
+                    self._checkpoint(state, on_checkpoint)
+                    return False
                 # A chunk ends at the epoch's end, after MAX_CHUNK_STEPS, or at the
                 # next checkpoint boundary (in global steps), whichever is first.
                 stop = min(steps, state.step + MAX_CHUNK_STEPS)
@@ -207,10 +220,11 @@ class Trainer:
                         f"the loss became {loss_sum} in epoch {state.epoch + 1}, by step {stop}"
                     )
                 chunk_steps = stop - state.step
-                state.step, state.loss_sum, state.correct = (
+                state.step, state.loss_sum, state.correct, state.seconds = (
                     stop,
                     state.loss_sum + loss_sum,
                     state.correct + correct,
+                    seconds_before + time.perf_counter() - started,
                 )
                 if on_chunk_end is not None:
                     on_chunk_end(state, loss_sum / chunk_steps)
@@ -219,7 +233,6 @@ class Trainer:
                     return False
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and stop < steps:
                     self._checkpoint(state, on_checkpoint)
-            seconds = time.perf_counter() - started
             validation = self.evaluate(test)
             record = {
                 "epoch": state.epoch + 1,
@@ -227,11 +240,17 @@ class Trainer:
                 "accuracy": state.correct / (steps * self.global_batch),
                 "val_loss": validation.loss,
                 "val_accuracy": validation.accuracy,
-                "seconds": seconds,
-                "images_per_second": (steps - trained_before) * self.global_batch / seconds,
+                # The epoch's steps, in this process and any before a resume.
+                "seconds": state.seconds,
+                # 0 only after a resume from a checkpoint written before `seconds` was.
+                "images_per_second": (
+                    steps * self.global_batch / state.seconds if state.seconds else 0.0
+                ),
             }
             state.history.append(record)
-            state.epoch, state.step, state.loss_sum, state.correct = state.epoch + 1, 0, 0.0, 0.0
+            state.epoch, state.step, state.loss_sum, state.correct, state.seconds = (
+                state.epoch + 1, 0, 0.0, 0.0, 0.0
+            )  # fmt: skip
             self._checkpoint(state, on_checkpoint)
             on_epoch_end(state, record)
         return True

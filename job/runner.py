@@ -138,6 +138,7 @@ def _run(
         placement.strategy,
         global_batch=config.batch_size,
         jit_compile=placement.compiles_with_xla,
+        single_process=not placement.cluster.is_multi_worker,
     )
     if replaces_finished_run and is_chief:
         # Only now: an option, the device or the data that fails its check
@@ -232,7 +233,12 @@ def _metrics(config, placement, state, final, start_step, resumed_from, timings)
         "test": {"loss": final.loss, "accuracy": final.accuracy},
         "resumed_from": resumed_from,
         "timings": timings,
-        "throughput": {"train_images_per_second": trained_images / timings["fit_seconds"]},
+        # None when a resumed run had nothing left to train.
+        "throughput": {
+            "train_images_per_second": (
+                trained_images / timings["fit_seconds"] if trained_images else None
+            )
+        },
         "versions": _versions(tf, keras),
         "devices": {
             "strategy": placement.strategy_name,
@@ -374,8 +380,12 @@ def _check_output_dirs(config: TrainConfig) -> None:
 
 def _discard_finished_run(config: TrainConfig) -> None:
     log.warning("--overwrite: replacing the finished run in %s", config.output_dir)
-    # The metrics go first, so an interrupted overwrite never looks finished.
+    # The metrics go first, so an interrupted overwrite never looks finished;
+    # then the old model, which predict and evaluate would otherwise still use
+    # beside the new run's checkpoint.
     config.metrics_path.unlink(missing_ok=True)
+    config.model_path.unlink(missing_ok=True)
+    shutil.rmtree(config.saved_model_path, ignore_errors=True)
     _discard_training_state(config)
 
 

@@ -278,6 +278,52 @@ def test_a_corrupt_checkpoint_is_exit_2_and_overwrite_starts_over(
     assert [record["epoch"] for record in fresh.metrics["history"]] == [1, 2]
 
 
+def test_sigterm_in_one_process_stops_after_the_current_chunk(tiny, tiny_config, monkeypatch):
+    """Not one chunk later (the vote that several workers need), and the time of
+    the epoch's steps carries over into the resumed run's record."""
+    import os
+    import signal
+
+    from job import checkpoint
+    from job.errors import Terminated
+    from job.loop import Trainer
+
+    real_run_chunk = Trainer.run_chunk
+
+    def sigterm_during_the_first_chunk(self, data, order, start, stop, stop_requested):
+        result = real_run_chunk(self, data, order, start, stop, stop_requested)
+        if start == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # run() has its handler in place
+        return result
+
+    monkeypatch.setattr(Trainer, "run_chunk", sigterm_during_the_first_chunk)
+    config = tiny_config.replace(epochs=1, checkpoint_every=4)  # chunks of 4 of 10 steps
+    with pytest.raises(Terminated, match="at epoch 1, step 4:"):
+        run(config, datasets=tiny)
+    _, _, saved = checkpoint.load(config.checkpoint_path)
+    assert saved.step == 4 and saved.seconds > 0
+
+    monkeypatch.setattr(Trainer, "run_chunk", real_run_chunk)
+    resumed = run(config, datasets=tiny)
+    assert resumed.metrics["history"][0]["seconds"] > saved.seconds
+
+
+def test_overwrite_removes_the_old_model_once_training_starts(tiny, tiny_config, monkeypatch):
+    # Else predict and evaluate would use it beside an unfinished new run.
+    from job.loop import Trainer
+
+    run(tiny_config, datasets=tiny)
+
+    def preempted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config.replace(overwrite=True), datasets=tiny)
+    assert not tiny_config.metrics_path.exists()
+    assert not tiny_config.model_path.exists() and not tiny_config.saved_model_path.exists()
+
+
 def test_a_checkpoint_past_epochs_is_refused_and_overwrite_starts_over(tiny, tiny_config):
     cut_short_after_one_epoch(tiny_config.replace(epochs=3), tiny)  # 1 of 3 epochs done...
     run(tiny_config.replace(epochs=2), datasets=tiny)  # ...then 2, and crashed before the end
@@ -359,6 +405,16 @@ def test_a_full_disk_is_one_error_and_the_rerun_resumes(tiny, tiny_config, monke
     resumed = run(tiny_config, datasets=tiny)
     assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
     assert [record["epoch"] for record in resumed.metrics["history"]] == [1, 2]
+
+
+def test_temporaries_left_by_a_killed_write_are_cleared_by_the_next_one(tiny, tiny_config):
+    cut_short_after_one_epoch(tiny_config, tiny)
+    checkpoints = tiny_config.checkpoint_path.parent
+    left = checkpoints / ".latest.npz.k1lled" / "latest.npz"  # as kill -9 mid-write leaves it
+    left.parent.mkdir()
+    left.write_bytes(b"half a checkpoint")
+    run(tiny_config, datasets=tiny)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.npz"]
 
 
 def test_a_diverging_run_is_exit_2_and_saves_nothing_of_it(tiny, tiny_config):
