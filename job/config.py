@@ -34,6 +34,11 @@ NUM_CLASSES = 10  # the digits 0-9
 MAX_LAYER_WEIGHTS = 2**58
 
 
+def dense_layer_shapes(hidden_units: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(inputs, units) of each Dense layer of the model: pixels -> hidden -> classes."""
+    return list(itertools.pairwise((math.prod(IMAGE_SHAPE), *hidden_units, NUM_CLASSES)))
+
+
 def default_data_dir() -> Path:
     """The MNIST cache: $XDG_CACHE_HOME/mnist-job, else ~/.cache/mnist-job."""
     cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -98,8 +103,7 @@ class TrainConfig:
             )
         if not self.hidden_units or any(units < 1 for units in self.hidden_units):
             raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")
-        widths = (math.prod(IMAGE_SHAPE), *self.hidden_units, NUM_CLASSES)
-        for inputs, units in itertools.pairwise(widths):
+        for inputs, units in dense_layer_shapes(self.hidden_units):
             if inputs * units > MAX_LAYER_WEIGHTS:
                 raise ConfigError(
                     f"--hidden-units: a layer of {inputs} x {units} weights is more than "

@@ -16,7 +16,6 @@ TensorFlow's own memory floor (scripts/memory_floor.py).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -29,8 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from job.config import DEFAULTS
-from job.data import IMAGE_SHAPE, NUM_CLASSES
+from job.config import DEFAULTS, dense_layer_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -156,8 +154,7 @@ def steady_throughput(command: list[str], out: Path, epochs: int) -> float:
 def step_gflop(batch_size: int, hidden_units: tuple[int, ...]) -> float:
     """The matrix products of one training step of the MLP, in GFLOP: forward,
     weight gradients, and input gradients of every layer but the first."""
-    widths = [IMAGE_SHAPE[0] * IMAGE_SHAPE[1], *hidden_units, NUM_CLASSES]
-    weights = [fan_in * fan_out for fan_in, fan_out in itertools.pairwise(widths)]
+    weights = [fan_in * fan_out for fan_in, fan_out in dense_layer_shapes(hidden_units)]
     return 2 * batch_size * (2 * sum(weights) + sum(weights[1:])) / 1e9
 
 
