@@ -69,9 +69,7 @@ def load(path: Path) -> tuple[list, list, TrainState] | None:
             optimizer_variables = _numbered(npz, "optimizer_")
         _check_state(state)
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise ConfigError(
-            f"checkpoint {path} is corrupt ({err}); delete it, or pass --overwrite to start over"
-        ) from None
+        raise _corrupt(path, err) from None
     except OSError as err:
         raise JobError(f"checkpoint {path} could not be read ({err})") from None
     return weights, optimizer_variables, state
@@ -96,17 +94,20 @@ def check_fits(weights, model_weights, optimizer_values, optimizer_variables, pa
         ("optimizer", optimizer_values, optimizer_variables),
     ):
         if len(saved) != len(variables):
-            raise ConfigError(
-                f"checkpoint {path} is corrupt ({len(saved)} {what} arrays, the model has "
-                f"{len(variables)}); delete it, or pass --overwrite to start over"
-            )
+            raise _corrupt(path, f"{len(saved)} {what} arrays, the model has {len(variables)}")
         for i, (array, variable) in enumerate(zip(saved, variables, strict=True)):
             if tuple(np.shape(array)) != tuple(variable.shape):
-                raise ConfigError(
-                    f"checkpoint {path} is corrupt ({what} {i} has shape {np.shape(array)}, "
-                    f"the model's {tuple(variable.shape)}); delete it, or pass --overwrite "
-                    "to start over"
+                raise _corrupt(
+                    path,
+                    f"{what} {i} has shape {np.shape(array)}, the model's {tuple(variable.shape)}",
                 )
+
+
+def _corrupt(path: Path, reason) -> ConfigError:
+    # Exit 2: a retry would read the same bytes; --overwrite turns it into a fresh start.
+    return ConfigError(
+        f"checkpoint {path} is corrupt ({reason}); delete it, or pass --overwrite to start over"
+    )
 
 
 def _numbered(npz, prefix: str) -> list:
