@@ -190,6 +190,20 @@ def cli() -> None:
 @output_dir_option
 @data_dir_option
 @option(
+    "--compile-cache",
+    type=PATH,
+    default=None,
+    help="Keep XLA's compiled training step here for later runs on this machine "
+    f"(~0.35 s each). [default: {DEFAULTS.compile_cache}]",
+    show_default=False,
+)
+@option(
+    "--no-compile-cache",
+    is_flag=True,
+    default=False,
+    help="Compile without the cache, and leave it alone.",
+)
+@option(
     "--max-train-samples",
     type=POSITIVE,
     default=None,
@@ -264,7 +278,7 @@ def train(verbose, sagemaker_model_dir, **options) -> None:
     Rerunning the same command on the same output dir resumes from the last
     checkpoint; a finished run is left alone unless --overwrite.
     """
-    options = _apply_platform_env(options, os.environ)
+    options = _train_options(options, os.environ)
     verbosity = {None: 1, False: 0, True: 2}[verbose]
     config = TrainConfig(verbosity=verbosity, **options)
     _configure_logging(config.verbosity, config.log_format)
@@ -403,6 +417,14 @@ def verify(data_dir: Path | None) -> None:
 
     _configure_logging(1, "text")
     click.echo(f"{verify_mnist(_data_dir(data_dir))}: OK")
+
+
+def _train_options(options: dict, environ) -> dict:
+    """TrainConfig's fields from `train`'s options."""
+    options = _apply_platform_env(options, environ)
+    if options.pop("no_compile_cache"):
+        options["compile_cache"] = None
+    return options
 
 
 def _apply_platform_env(options: dict, environ) -> dict:

@@ -45,6 +45,11 @@ def default_data_dir() -> Path:
     return Path(cache_home) / "mnist-job"
 
 
+def default_compile_cache() -> Path:
+    """XLA's compiled programs, kept for later runs (job/compile_cache.py)."""
+    return default_data_dir() / "xla"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # Model and optimisation: the seed's values.
@@ -70,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps; checkpoints also end every epoch
 
     # Where it runs.
+    compile_cache: Path | None = field(default_factory=default_compile_cache)  # None: off
     strategy: str = "auto"
     device: str = "auto"
     num_workers: int = 1  # Kubernetes Indexed Job: derive the cluster from the pod

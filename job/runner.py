@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job import artifacts, checkpoint, collector, logs
+from job import artifacts, checkpoint, collector, compile_cache, logs
 from job.config import TrainConfig
 from job.errors import ConfigError, Diverged, JobError, OutOfMemory, Terminated, WorkerLost
 from job.logs import Progress
@@ -108,7 +108,9 @@ def _run(
     replaces_finished_run = config.overwrite and config.metrics_path.exists()
     if is_chief:
         _check_output_dirs(config)
-    placement = _set_up(config, cluster, strategy)
+    # Several workers' steps are not XLA-compiled.
+    with compile_cache.binding(enabled=not cluster.is_multi_worker):
+        placement = _set_up(config, cluster, strategy)
     import keras
     import tensorflow as tf
 
@@ -159,20 +161,23 @@ def _run(
 
     startup_done()  # the collector runs again during training, over new objects only
     sigterm.catch()  # from here on, SIGTERM means: checkpoint, then stop
+    # Its key knows the CPU, not the GPU: GPU runs compile every time.
+    cache_dir = config.compile_cache if placement.compiles_with_xla and not placement.gpus else None
     fit_started = time.perf_counter()
     try:
-        finished = trainer.fit(
-            train,
-            test,
-            state,
-            epochs=config.epochs,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            on_checkpoint=events.checkpoint,
-            on_epoch_end=events.epoch_end,
-            stop_requested=sigterm.received,
-            on_chunk_end=events.chunk_end,
-        )
+        with compile_cache.offered(cache_dir, config.deterministic):
+            finished = trainer.fit(
+                train,
+                test,
+                state,
+                epochs=config.epochs,
+                seed=config.seed,
+                checkpoint_every=config.checkpoint_every,
+                on_checkpoint=events.checkpoint,
+                on_epoch_end=events.epoch_end,
+                stop_requested=sigterm.received,
+                on_chunk_end=events.chunk_end,
+            )
     except NotFinite as err:
         summaries.close()
         raise Diverged(

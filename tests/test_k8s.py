@@ -21,7 +21,7 @@ import click
 import kubernetes_validate
 import pytest
 
-from job.cli import _apply_platform_env, train
+from job.cli import _train_options, train
 from job.config import TrainConfig
 from job.errors import ExitCode
 from job.strategy import resolve_cluster
@@ -150,7 +150,7 @@ def parse_train(container: dict, monkeypatch, extra_env: dict | None = None) -> 
     except click.ClickException as err:
         pytest.fail(f"{container['name']}: the CLI rejects the manifest: {err.format_message()}")
     options = {k: v for k, v in ctx.params.items() if k not in ("verbose", "sagemaker_model_dir")}
-    return TrainConfig(**_apply_platform_env(options, {}))
+    return TrainConfig(**_train_options(options, {}))
 
 
 @pytest.mark.parametrize("name", JOB_FILES)

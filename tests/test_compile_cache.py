@@ -1,0 +1,89 @@
+"""XLA's compile cache: a later run loads the step an earlier one compiled, and
+a damaged or unusable cache never fails a run (job/compile_cache.py).
+
+TensorFlow reads its cache flag once per process, so these run the real CLI
+in subprocesses, on tiny data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from job import compile_cache
+from tests.conftest import run_tiny_job
+
+
+def train(tmp_path, out: str, *options: str):
+    result = run_tiny_job(
+        "train", "--verbose", "--deterministic", "--epochs", "1",
+        "--output-dir", str(tmp_path / out), *options,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def entries(cache):
+    return sorted(cache.glob("*/*.pb"))
+
+
+def intact(entry) -> bool:
+    """Named after its content, so that a damaged copy is recognised."""
+    return entry.name.endswith(f".{hashlib.sha256(entry.read_bytes()).hexdigest()}.pb")
+
+
+def weights(out):
+    saved = np.load(out / "checkpoints" / "latest.npz")
+    return [saved[name] for name in saved.files if name.startswith("weight_")]
+
+
+def test_a_later_run_loads_the_compiled_step_and_trains_the_same(tmp_path):
+    cache = tmp_path / "cache"
+    first = train(tmp_path, "first", "--compile-cache", str(cache))
+    assert "0 entries" in first.stderr and "1 new entries" in first.stderr
+    (entry,) = entries(cache)
+    assert intact(entry)
+
+    second = train(tmp_path, "second", "--compile-cache", str(cache))
+    assert "1 entries" in second.stderr and "0 new entries" in second.stderr
+    assert entries(cache) == [entry]
+    for a, b in zip(weights(tmp_path / "first"), weights(tmp_path / "second"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a compiled program"])
+def test_a_damaged_entry_is_replaced_not_loaded(tmp_path, damage):
+    cache = tmp_path / "cache"
+    train(tmp_path, "first", "--compile-cache", str(cache))
+    (entry,) = entries(cache)
+    entry.write_bytes(damage or entry.read_bytes()[:1000])  # b"": truncated
+
+    result = train(tmp_path, "second", "--compile-cache", str(cache))
+    assert "which is damaged" in result.stderr
+    assert "1 new entries" in result.stderr
+    (fresh,) = entries(cache)
+    assert fresh != entry and intact(fresh)
+
+
+def test_an_unusable_cache_dir_only_costs_the_compile(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = train(tmp_path, "out", "--compile-cache", str(blocked / "cache"))
+    assert "compiling without it" in result.stderr
+    assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_no_compile_cache_leaves_the_cache_alone(tmp_path):
+    cache = tmp_path / "cache"
+    train(tmp_path, "out", "--compile-cache", str(cache), "--no-compile-cache")
+    assert not cache.exists()
+
+
+def test_the_key_changes_with_xla_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    plain = compile_cache.machine_key(deterministic=False)
+    assert compile_cache.machine_key(deterministic=True) != plain
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert compile_cache.machine_key(deterministic=False) != plain
