@@ -21,6 +21,7 @@ system's temporary directory, and the shared cache is kept by us:
   linked into the private directory under TensorFlow's name;
 - after training, the entries TensorFlow wrote there (programs it had to
   compile) are published: written beside their final name, then renamed;
+  beyond MAX_CACHE_BYTES, the entries offered least recently are deleted;
 - a cache that cannot be read or written is logged and left out; it never
   fails a run.
 
@@ -44,6 +45,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FLAG = "--tf_xla_persistent_cache_directory"
+
+# The least recently used entries go beyond this (the seed's step is ~0.3 MB;
+# a sweep over shapes or flags adds one entry per program).
+MAX_CACHE_BYTES = 256 * 2**20
 
 # The private directory TensorFlow was pointed at; None until the first run.
 _private: Path | None = None
@@ -122,6 +127,8 @@ def offered(root: Path | None, deterministic: bool) -> Iterator[None]:
         if shared is not None:
             published = _publish_all(private, shared)
             log.debug("XLA compile cache %s: %d new entries", shared, published)
+            if published:
+                _evict(root, MAX_CACHE_BYTES)
         # Empty until the next run; TensorFlow recreates it if it compiles more.
         shutil.rmtree(private, ignore_errors=True)
 
@@ -170,7 +177,26 @@ def _link(entry: Path, private: Path) -> bool:
     if link.is_symlink():  # another copy of the same program: one is enough
         return False
     link.symlink_to(entry.resolve())
+    with contextlib.suppress(OSError):  # a read-only cache is still a cache
+        os.utime(entry)  # offered now: the last to be evicted
     return True
+
+
+def _evict(root: Path, max_bytes: int) -> None:
+    """Delete the entries offered least recently until the cache fits."""
+    try:
+        entries = sorted(
+            ((entry.stat(), entry) for entry in root.glob("*/*.pb")),
+            key=lambda stat_entry: stat_entry[0].st_mtime,
+        )
+        total = sum(stat.st_size for stat, _ in entries)
+        for stat, entry in entries:
+            if total <= max_bytes:
+                break
+            entry.unlink(missing_ok=True)
+            total -= stat.st_size
+    except OSError as err:
+        log.warning("XLA compile cache %s: could not evict old entries: %s", root, err)
 
 
 def _publish(entry: Path, shared: Path) -> bool:

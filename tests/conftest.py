@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,12 @@ from job.config import TrainConfig
 from tests.tiny import tiny_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The CLIs the tests start keep XLA's compiled programs here, not in the user's
+# cache; runs inside this process (one TensorFlow, compiling for all) keep none.
+if "MNIST_JOB_COMPILE_CACHE" not in os.environ:
+    os.environ["MNIST_JOB_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mnist-job-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["MNIST_JOB_COMPILE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +34,9 @@ def finished_run(tmp_path_factory, tiny):
     from job.runner import run
 
     out = tmp_path_factory.mktemp("run") / "out"
-    config = TrainConfig(epochs=2, output_dir=out, num_images=3, strategy="default")
+    config = TrainConfig(
+        epochs=2, output_dir=out, num_images=3, strategy="default", compile_cache=None
+    )
     return config, run(config, datasets=tiny)
 
 
@@ -39,6 +50,7 @@ def tiny_config(tmp_path) -> TrainConfig:
         data_dir=tmp_path / "no-data-needed",
         num_images=3,
         strategy="default",
+        compile_cache=None,
     )
 
 

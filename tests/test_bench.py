@@ -35,7 +35,7 @@ def test_loop_breakdown_separates_the_one_time_compile_from_the_steps():
     # One epoch has no steady epoch to compare with.
     assert bench.loop_breakdown({**metrics, "history": metrics["history"][:1]}) == {}
     line = bench.loop_line(breakdown, step_gflop=0.0145, peak=200.0)
-    assert "0.60 s tracing and compiling" in line
+    assert "0.60 s tracing the step and compiling it" in line
     assert "160 µs a step (91 GFLOP/s" in line and "45% of" in line
 
 
@@ -57,8 +57,9 @@ def test_bench_smoke_writes_results_and_chart(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| training loop |" in result.stdout
+    assert "| mnist-job, first run |" in result.stdout  # the table's header
     results = json.loads((tmp_path / "results.json").read_text())
-    for variant in ("seed", "mnist_job"):
+    for variant in ("seed", "mnist_job", "mnist_job_cold"):
         median = results[variant]["median"]
         assert set(median) == {
             "fit_seconds", "wall_seconds", "peak_rss_mb", "peak_anonymous_mb",
@@ -68,9 +69,10 @@ def test_bench_smoke_writes_results_and_chart(tmp_path):
         # mapped beside it, below the peak RSS.
         assert 0 < median["peak_anonymous_mb"] < median["peak_rss_mb"]
         assert median["test_accuracy"] > 0.9  # one epoch of real MNIST
-    assert set(results["ratios"]) == {
-        "fit_seconds", "wall_seconds", "peak_rss_mb", "peak_anonymous_mb",
-    }  # fmt: skip
+    for ratios in (results["ratios"], results["mnist_job_cold"]["ratios"]):
+        assert set(ratios) == {
+            "fit_seconds", "wall_seconds", "peak_rss_mb", "peak_anonymous_mb",
+        }  # fmt: skip
     assert set(results["workers"]) == {"1", "2"}
     assert results["machine"]["matmul_gflops"] > 0
     floor = {what: mb["peak_rss_mb"] for what, mb in results["memory_floor"].items()}

@@ -8,6 +8,7 @@ in subprocesses, on tiny data.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -87,3 +88,14 @@ def test_the_key_changes_with_xla_flags(monkeypatch):
     assert compile_cache.machine_key(deterministic=True) != plain
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
     assert compile_cache.machine_key(deterministic=False) != plain
+
+
+def test_the_entries_offered_least_recently_go_when_the_cache_is_full(tmp_path):
+    key = tmp_path / "tf-key"
+    key.mkdir()
+    for age, name in enumerate(["new", "middle", "old"]):
+        entry = key / f"{name}.pb"
+        entry.write_bytes(b"x" * 100)
+        os.utime(entry, (1000 - age, 1000 - age))
+    compile_cache._evict(tmp_path, max_bytes=250)
+    assert sorted(entry.stem for entry in key.glob("*.pb")) == ["middle", "new"]

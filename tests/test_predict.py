@@ -32,7 +32,9 @@ def model_dir(tmp_path_factory):
     x_train, y_train = preprocessed(dataset(1500, seed=1))
     x_val, y_val = preprocessed(dataset(200, seed=2))
     out = tmp_path_factory.mktemp("predict") / "run"
-    config = TrainConfig(epochs=10, output_dir=out, num_images=0, strategy="default")
+    config = TrainConfig(
+        epochs=10, output_dir=out, num_images=0, strategy="default", compile_cache=None
+    )
     result = run(config, datasets=Mnist(x_train, y_train, x_val, y_val))
     assert result.metrics["test"]["accuracy"] > 0.9  # learnt, before any file is involved
     return out

@@ -47,7 +47,9 @@ class Client:
 def finished(tmp_path_factory, tiny):
     # 10 steps an epoch; chunks end at global steps 4, 8, 10 | 12, 16, 20.
     out = tmp_path_factory.mktemp("tb") / "run"
-    config = TrainConfig(epochs=2, checkpoint_every=4, output_dir=out, num_images=3)
+    config = TrainConfig(
+        epochs=2, checkpoint_every=4, output_dir=out, num_images=3, compile_cache=None
+    )
     return config, run(config.replace(strategy="default"), datasets=tiny)
 
 
