@@ -345,11 +345,11 @@ def main() -> int:
         # Fills the warm cache: the step's program does not depend on --epochs.
         run_job(data_dir, warm_cache, work / "job", "--epochs", "1")
         for repeat in range(args.repeats):
-            epochs = ("--epochs", str(args.epochs))
+            full_run = ("--epochs", str(args.epochs))
             runs["seed"].append(run_seed(npz, work, args.epochs))
-            runs["mnist_job"].append(run_job(data_dir, warm_cache, work / "job", *epochs))
+            runs["mnist_job"].append(run_job(data_dir, warm_cache, work / "job", *full_run))
             cold_cache = work / f"cold-cache-{repeat}"
-            runs["mnist_job_cold"].append(run_job(data_dir, cold_cache, work / "job", *epochs))
+            runs["mnist_job_cold"].append(run_job(data_dir, cold_cache, work / "job", *full_run))
             print(f"repeat {repeat + 1}/{args.repeats}: training loop " + ", ".join(
                 f"{VARIANTS[variant]} {variant_runs[-1]['fit_seconds']:.2f} s"
                 for variant, variant_runs in runs.items()
