@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 
 FLAG = "--tf_xla_persistent_cache_directory"
 
-# The least recently used entries go beyond this (the seed's step is ~0.3 MB;
-# a sweep over shapes or flags adds one entry per program).
-MAX_CACHE_BYTES = 256 * 2**20
+# The entries offered least recently go beyond this. The seed's step is ~0.3 MB,
+# and a sweep over shapes or flags adds one entry per program; every run reads
+# and hashes them all (~40 ms for 64 MB).
+MAX_CACHE_BYTES = 64 * 2**20
 
 # The private directory TensorFlow was pointed at; None until the first run.
 _private: Path | None = None
