@@ -50,6 +50,8 @@ FLAG = "--tf_xla_persistent_cache_directory"
 # and a sweep over shapes or flags adds one entry per program; every run reads
 # and hashes them all (~40 ms for 64 MB).
 MAX_CACHE_BYTES = 64 * 2**20
+# Free space the private directory needs: a program of the seed's size is ~0.3 MB.
+MIN_FREE_BYTES = 16 * 2**20
 
 # The private directory TensorFlow was pointed at; None until the first run.
 _private: Path | None = None
@@ -72,9 +74,12 @@ def binding(enabled: bool = True) -> Iterator[None]:
         yield
         return
     try:
+        # TensorFlow fails the run if it cannot write an entry there.
+        if shutil.disk_usage(tempfile.gettempdir()).free < MIN_FREE_BYTES:
+            raise OSError(f"less than {MIN_FREE_BYTES // 2**20} MB free")
         _private = Path(tempfile.mkdtemp(prefix="mnist-job-xla-"))
     except OSError as err:
-        log.info("XLA compile cache off: no temporary directory (%s)", err)
+        log.info("XLA compile cache off: no room in %s (%s)", tempfile.gettempdir(), err)
         yield
         return
     # A run that fails before training leaves it behind otherwise.
@@ -172,7 +177,8 @@ def _link(entry: Path, private: Path) -> bool:
     if _digest(entry) != digest:
         # Entries appear by rename, complete: this one was damaged since.
         log.warning("XLA compile cache: deleting %s, which is damaged", entry)
-        entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache: the others still serve
+            entry.unlink(missing_ok=True)
         return False
     link = private / f"{name}.pb"
     if link.is_symlink():  # another copy of the same program: one is enough

@@ -109,7 +109,8 @@ def _run(
     if is_chief:
         _check_output_dirs(config)
     # Several workers' steps are not XLA-compiled.
-    with compile_cache.binding(enabled=not cluster.is_multi_worker):
+    uses_cache = config.compile_cache is not None and not cluster.is_multi_worker
+    with compile_cache.binding(enabled=uses_cache):
         placement = _set_up(config, cluster, strategy)
     import keras
     import tensorflow as tf
