@@ -5,9 +5,10 @@
     python scripts/memory_floor.py step     # + Keras, the model and one XLA-compiled
                                             #   training chunk on 64 blank images
 
-`make bench` runs both as separate processes and records their peak RSS and
-anonymous memory next to the job's. The job cannot peak below the second: that
-is before any of MNIST's 55 MB is loaded.
+`make bench` runs them as separate processes, `step` twice with XLA's compile
+cache (compiled, then loaded as every run after a machine's first does), and
+records their peak RSS and anonymous memory next to the job's. The job cannot
+peak below `step`: that is before any of MNIST's 55 MB is loaded.
 """
 
 from __future__ import annotations
