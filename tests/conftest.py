@@ -85,6 +85,17 @@ def run_tiny_job(*args: str, env: dict | None = None, **kwargs) -> subprocess.Co
     )
 
 
+def start_tiny_job(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """run_tiny_job, started in the background (text stdout and stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "tiny_job.py"), *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (REQUIRE_DOCKER=1) a docker test that skips is a failure: CI must run it."""

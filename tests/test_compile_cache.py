@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from job import compile_cache
-from tests.conftest import run_tiny_job
+from tests.conftest import run_tiny_job, start_tiny_job
 
 
 def train(tmp_path, out: str, *options: str):
@@ -52,6 +52,20 @@ def test_a_later_run_loads_the_compiled_step_and_trains_the_same(tmp_path):
     assert entries(cache) == [entry]
     for a, b in zip(weights(tmp_path / "first"), weights(tmp_path / "second"), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_runs_that_start_together_leave_entries_a_later_run_loads(tmp_path):
+    """Both compile the step (neither finds an entry) and publish it whole:
+    what a sweep starting several runs at once on a new machine does."""
+    cache = tmp_path / "cache"
+    args = ("train", "--deterministic", "--epochs", "1", "--compile-cache", str(cache))
+    starts = [start_tiny_job(*args, "--output-dir", str(tmp_path / f"out-{i}")) for i in range(2)]
+    for started in starts:
+        _, stderr = started.communicate(timeout=300)
+        assert started.returncode == 0, stderr[-2000:]
+    assert all(intact(entry) for entry in entries(cache))
+    later = train(tmp_path, "later", "--compile-cache", str(cache))
+    assert "0 new entries" in later.stderr
 
 
 @pytest.mark.parametrize("damage", [b"", b"not a compiled program"])

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from job.errors import ExitCode
-from tests.conftest import ROOT, run_tiny_job
+from tests.conftest import run_tiny_job, start_tiny_job
 from tests.events import scalars
 
 pytestmark = pytest.mark.slow
@@ -22,12 +20,7 @@ EPOCHS = 200
 
 def start_job(out, *extra):
     args = ["train", "--output-dir", str(out), "--epochs", str(EPOCHS), "--checkpoint-every", "5"]
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "tiny_job.py"), *args, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_tiny_job(*args, *extra)
 
 
 def wait_for_checkpoint(out, process, timeout=120):
