@@ -26,7 +26,8 @@ system's temporary directory, and the shared cache is kept by us:
   fails a run.
 
 TensorFlow reads its flags once per process, so the private directory is one
-per process; each run in it (the tests run many) starts it empty again.
+per process; each run in it (the tests run many) starts it empty again. Its
+name holds the process id: a killed process cannot remove it, the next run does.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ MAX_CACHE_BYTES = 64 * 2**20
 MIN_FREE_BYTES = 16 * 2**20
 
 # The private directory TensorFlow was pointed at; None until the first run.
+# Its name holds the process id, so that a later run can tell it is orphaned.
+PRIVATE_PREFIX = "mnist-job-xla-"
 _private: Path | None = None
 
 
@@ -77,7 +80,8 @@ def binding(enabled: bool = True) -> Iterator[None]:
         # TensorFlow fails the run if it cannot write an entry there.
         if shutil.disk_usage(tempfile.gettempdir()).free < MIN_FREE_BYTES:
             raise OSError(f"less than {MIN_FREE_BYTES // 2**20} MB free")
-        _private = Path(tempfile.mkdtemp(prefix="mnist-job-xla-"))
+        _remove_orphans(Path(tempfile.gettempdir()))
+        _private = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-"))
     except OSError as err:
         log.info("XLA compile cache off: no room in %s (%s)", tempfile.gettempdir(), err)
         yield
@@ -95,6 +99,20 @@ def binding(enabled: bool = True) -> Iterator[None]:
             del os.environ["TF_XLA_FLAGS"]
         else:
             os.environ["TF_XLA_FLAGS"] = flags
+
+
+def _remove_orphans(tmp: Path) -> None:
+    """Private directories of processes that were killed (SIGKILL, OOM)."""
+    for orphan in tmp.glob(f"{PRIVATE_PREFIX}*-*"):
+        pid = orphan.name.removeprefix(PRIVATE_PREFIX).partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(orphan, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def machine_key(deterministic: bool) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -113,3 +114,15 @@ def test_the_entries_offered_least_recently_go_when_the_cache_is_full(tmp_path):
         os.utime(entry, (1000 - age, 1000 - age))
     compile_cache._evict(tmp_path, max_bytes=250)
     assert sorted(entry.stem for entry in key.glob("*.pb")) == ["middle", "new"]
+
+
+def test_private_dirs_of_killed_processes_are_removed(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now
+    dead = tmp_path / f"{compile_cache.PRIVATE_PREFIX}{gone.pid}-x"
+    alive = tmp_path / f"{compile_cache.PRIVATE_PREFIX}{os.getpid()}-x"
+    other = tmp_path / "someone-else"
+    for path in (dead, alive, other):
+        path.mkdir()
+    compile_cache._remove_orphans(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
