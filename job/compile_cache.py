@@ -2,7 +2,7 @@
 
 TensorFlow can save each program XLA compiles and load it in a later process
 (TF_XLA_FLAGS=--tf_xla_persistent_cache_directory): a repeat of the seed's run
-skips ~0.35 s of its ~0.65 s first-call cost and ~90 MB of peak memory. Pointed
+skips ~0.35 s of its ~0.65 s first-call cost and ~80 MB of peak memory. Pointed
 at a shared directory, TensorFlow 2.21's cache is fragile:
 
 - it writes an entry in place, so a process killed while writing it, or one
