@@ -106,6 +106,15 @@ data_dir_option = option(
     show_default=False,
 )
 
+compile_cache_option = option(
+    "--compile-cache",
+    type=PATH,
+    default=None,
+    help="Keep XLA's compiled training step here for later runs on this machine "
+    f"(~0.35 s each). [default: {DEFAULTS.compile_cache}]",
+    show_default=False,
+)
+
 
 output_dir_option = option(
     "--output-dir",
@@ -189,14 +198,7 @@ def cli() -> None:
 )
 @output_dir_option
 @data_dir_option
-@option(
-    "--compile-cache",
-    type=PATH,
-    default=None,
-    help="Keep XLA's compiled training step here for later runs on this machine "
-    f"(~0.35 s each). [default: {DEFAULTS.compile_cache}]",
-    show_default=False,
-)
+@compile_cache_option
 @option(
     "--no-compile-cache",
     is_flag=True,
@@ -378,6 +380,7 @@ def evaluate(model: Path, data_dir: Path | None, output_dir: Path | None, as_jso
 @cli.command(epilog=EXIT_CODES_HELP)
 @output_dir_option
 @data_dir_option
+@compile_cache_option
 @num_workers_option
 @worker_service_option
 @worker_port_option
@@ -385,7 +388,8 @@ def evaluate(model: Path, data_dir: Path | None, output_dir: Path | None, as_jso
 def info(as_json: bool, **options) -> None:
     """What the job sees here: versions, CPUs and cgroup limit, GPUs, the
     strategy `auto` would pick, the cluster from TF_CONFIG or the Indexed Job,
-    the MNIST cache and whether the output dir is writable. Changes nothing."""
+    the MNIST cache, the compile cache and whether the output dir is writable.
+    Changes nothing."""
     from job import info as report
 
     _configure_logging(1, "text")

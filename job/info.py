@@ -61,6 +61,7 @@ def collect(config: TrainConfig, environ=os.environ) -> dict:
         "strategy_auto": strategy,
         "cluster": cluster_report,
         "data": _data(config.data_dir),
+        "compile_cache": _compile_cache(config.compile_cache),
         "output_dir": _writable(config.output_dir),
         "environment": {name: environ[name] for name in ENV_VARS if name in environ},
     }
@@ -98,6 +99,15 @@ def text(info: dict) -> str:
         )
     data = info["data"]
     lines.append(f"data: {data['status']} ({data['path']})" + _detail(data))
+    cache = info["compile_cache"]
+    if cache is None:
+        lines.append("compile cache: off")
+    else:
+        writable = "writable" if cache["writable"] else "NOT writable: every run compiles"
+        lines.append(
+            f"compile cache: {cache['path']} {writable}, {cache['programs']} compiled "
+            f"program(s), {cache['megabytes']:.1f} MB" + _detail(cache)
+        )
     out = info["output_dir"]
     writable = "writable" if out["writable"] else "NOT writable"
     lines.append(f"output dir: {out['path']} {writable}" + _detail(out))
@@ -191,6 +201,18 @@ def _data(data_dir: Path) -> dict:
     except JobError as err:
         return {"path": str(path), "status": "corrupt", "detail": str(err)}
     return {"path": str(path), "status": "ok"}
+
+
+def _compile_cache(path: Path | None) -> dict | None:
+    """The XLA compile cache: where, whether runs can add to it, what it holds."""
+    if path is None:
+        return None
+    entries = [entry.stat().st_size for entry in Path(path).glob("*/*.pb")]
+    return {
+        **_writable(path),
+        "programs": len(entries),
+        "megabytes": sum(entries) / 2**20,
+    }
 
 
 def _writable(path: Path) -> dict:

@@ -37,7 +37,7 @@ def mnist_job(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 def test_json_has_every_field_and_creates_nothing(tmp_path):
     output_dir = tmp_path / "not" / "yet"
     result = mnist_job("--json", "--data-dir", str(tmp_path / "cache"), "--output-dir",
-                       str(output_dir))  # fmt: skip
+                       str(output_dir), "--compile-cache", str(tmp_path / "xla"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert set(info["versions"]) >= {"python", "tensorflow", "keras", "mnist_job"}
@@ -49,7 +49,12 @@ def test_json_has_every_field_and_creates_nothing(tmp_path):
     assert info["cluster"]["source"] == "single" and info["cluster"]["is_chief"]
     assert info["data"]["status"] == "missing"
     assert info["output_dir"] == {"path": str(output_dir), "exists": False, "writable": True}
+    assert info["compile_cache"] == {
+        "path": str(tmp_path / "xla"), "exists": False, "writable": True,
+        "programs": 0, "megabytes": 0,
+    }  # fmt: skip
     assert not (tmp_path / "not").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "xla").exists()
     assert info["environment"]["CUDA_VISIBLE_DEVICES"] == ""
 
 
@@ -108,3 +113,14 @@ def test_gpu_device_without_a_cuda_build_gets_a_hint(tmp_path):
     info["nvidia_devices"] = ["/dev/nvidia0"]
     info["tensorflow"] = {**info["tensorflow"], "cuda_build": False, "gpus": []}
     assert any("CPU-only build" in hint for hint in hints(info))
+
+
+def test_the_compile_cache_is_counted_or_reported_off(tmp_path):
+    entry = tmp_path / "xla" / "tf-key" / "program.0123.pb"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"x" * 2**20)
+    info = collect(TrainConfig(output_dir=tmp_path, compile_cache=tmp_path / "xla"), {})
+    assert info["compile_cache"]["programs"] == 1
+    assert "1 compiled program(s), 1.0 MB" in text(info)
+    off = collect(TrainConfig(output_dir=tmp_path, compile_cache=None), {})
+    assert off["compile_cache"] is None and "compile cache: off" in text(off)
