@@ -5,18 +5,18 @@ TensorFlow can save each program XLA compiles and load it in a later process
 skips ~0.35 s of its ~0.65 s first-call cost and ~80 MB of peak memory. Pointed
 at a shared directory, TensorFlow 2.21's cache is fragile:
 
-- it writes an entry in place, so a process killed while writing it, or one
-  reading it while another writes it, meets a truncated entry, and that fails
-  the run (`OutOfRangeError`), every later run too;
-- it fails the run on any error reading or writing the directory;
+- an entry it cannot read (truncated or damaged on disk) fails the run
+  (`OutOfRangeError`), and every later run, until someone deletes it;
+- it fails the run on any error writing the directory (read-only, full);
 - an entry's key is the program alone, not the CPU it was compiled for nor
   XLA's flags: one compiled for a CPU with AVX-512 would run on one without.
 
 So TensorFlow only ever sees a private directory of this process, in the
 system's temporary directory, and the shared cache is kept by us:
 
-- entries live in `<cache>/<TensorFlow version>-<hash of CPU and XLA flags>/`,
-  named `<TensorFlow's name>.<SHA-256 of the content>.pb`;
+- entries live in `<cache>/tf<version>-<hash of CPU and XLA flags>/`, named
+  `<TensorFlow's name>.<SHA-256 of the content>.pb`; nothing else in `<cache>`
+  is ever read or deleted;
 - before training, every shared entry whose content matches its name is
   linked into the private directory under TensorFlow's name;
 - after training, the entries TensorFlow wrote there (programs it had to
@@ -27,7 +27,8 @@ system's temporary directory, and the shared cache is kept by us:
 
 TensorFlow reads its flags once per process, so the private directory is one
 per process; each run in it (the tests run many) starts it empty again. Its
-name holds the process id: a killed process cannot remove it, the next run does.
+name holds the host and process id: a killed process cannot remove it, the
+next run on the same host does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,8 +57,17 @@ MAX_CACHE_BYTES = 64 * 2**20
 # Free space the private directory needs: a program of the seed's size is ~0.3 MB.
 MIN_FREE_BYTES = 16 * 2**20
 
+# What we write, and so all we ever read or delete, under the cache dir.
+KEY_DIR = re.compile(r"tf[^/]+-[0-9a-f]{16}")
+ENTRY = re.compile(r"(?P<name>.+)\.(?P<digest>[0-9a-f]{64})\.pb")
+
+# /proc/cpuinfo lines that say which instructions a compiled program may use
+# (x86: model name, flags; ARM: Features, CPU implementer/architecture/part).
+CPU_FIELDS = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU part")
+
 # The private directory TensorFlow was pointed at; None until the first run.
-# Its name holds the process id, so that a later run can tell it is orphaned.
+# Its name holds the host and process id, so that a later run can tell it is
+# orphaned: mnist-job-xla-<host>-<pid>-<random>.
 PRIVATE_PREFIX = "mnist-job-xla-"
 _private: Path | None = None
 
@@ -76,19 +88,24 @@ def binding(enabled: bool = True) -> Iterator[None]:
     if not enabled or _private is not None or FLAG in (flags or ""):
         yield
         return
+    tmp = Path(tempfile.gettempdir())
     try:
+        if '"' in str(tmp):  # TensorFlow's flag parser could not quote it
+            raise OSError(f'a " in the path {tmp}')
         # TensorFlow fails the run if it cannot write an entry there.
-        if shutil.disk_usage(tempfile.gettempdir()).free < MIN_FREE_BYTES:
+        if shutil.disk_usage(tmp).free < MIN_FREE_BYTES:
             raise OSError(f"less than {MIN_FREE_BYTES // 2**20} MB free")
-        _remove_orphans(Path(tempfile.gettempdir()))
-        _private = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-"))
+        _remove_orphans(tmp)
+        prefix = f"{PRIVATE_PREFIX}{_host()}-{os.getpid()}-"
+        _private = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp))
     except OSError as err:
-        log.info("XLA compile cache off: no room in %s (%s)", tempfile.gettempdir(), err)
+        log.info("XLA compile cache off: cannot use %s (%s)", tmp, err)
         yield
         return
     # A run that fails before training leaves it behind otherwise.
     atexit.register(shutil.rmtree, _private, ignore_errors=True)
-    os.environ["TF_XLA_FLAGS"] = f"{flags or ''} {FLAG}={_private}".strip()
+    # Quoted: TensorFlow splits its flags at spaces.
+    os.environ["TF_XLA_FLAGS"] = f'{flags or ""} {FLAG}="{_private}"'.strip()
     try:
         yield
         import tensorflow as tf
@@ -101,11 +118,17 @@ def binding(enabled: bool = True) -> Iterator[None]:
             os.environ["TF_XLA_FLAGS"] = flags
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
 def _remove_orphans(tmp: Path) -> None:
-    """Private directories of processes that were killed (SIGKILL, OOM)."""
-    for orphan in tmp.glob(f"{PRIVATE_PREFIX}*-*"):
-        pid = orphan.name.removeprefix(PRIVATE_PREFIX).partition("-")[0]
-        if not pid.isdigit():
+    """Private directories of this host's processes that were killed (SIGKILL,
+    OOM). Another host's (a /tmp shared between containers, whose process ids
+    mean nothing here) are left alone."""
+    for orphan in tmp.glob(f"{PRIVATE_PREFIX}{_host()}-*-*"):
+        pid = orphan.name.rsplit("-", 2)[1]
+        if not pid.isdigit() or orphan.stat().st_uid != os.getuid():
             continue
         try:
             os.kill(int(pid), 0)
@@ -123,10 +146,14 @@ def machine_key(deterministic: bool) -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         cpuinfo = []
-    cpu = [line for line in cpuinfo if line.startswith(("model name", "flags"))][:2]
+    cpu = {}
+    for line in cpuinfo:
+        field, _, value = line.partition(":")
+        if field.strip() in CPU_FIELDS:
+            cpu.setdefault(field.strip(), value.strip())  # the first core's
     parts = [
         platform.machine(),
-        *cpu,
+        *(f"{field}={value}" for field, value in sorted(cpu.items())),
         os.environ.get("XLA_FLAGS", ""),
         os.environ.get("TF_XLA_FLAGS", ""),
         f"deterministic={deterministic}",
@@ -143,7 +170,6 @@ def offered(root: Path | None, deterministic: bool) -> Iterator[None]:
     if private is None:  # TensorFlow is not reading our directory
         yield
         return
-    shutil.rmtree(private, ignore_errors=True)
     shared = _open(root, deterministic, private) if root is not None else None
     try:
         yield
@@ -153,24 +179,34 @@ def offered(root: Path | None, deterministic: bool) -> Iterator[None]:
             log.debug("XLA compile cache %s: %d new entries", shared, published)
             if published:
                 _evict(root, MAX_CACHE_BYTES)
-        # Empty until the next run; TensorFlow recreates it if it compiles more.
+        # Gone until the next run; TensorFlow recreates it if it compiles more.
         shutil.rmtree(private, ignore_errors=True)
 
 
 def _open(root: Path, deterministic: bool, private: Path) -> Path | None:
-    """Link the shared entries into an empty private directory; None if the
-    cache cannot be used."""
+    """Link the shared entries into the private directory, emptied; None if
+    the cache cannot be used."""
     shared = root / machine_key(deterministic)
     try:
-        private.mkdir()
+        _empty(private)
         shared.mkdir(parents=True, exist_ok=True)
         linked = sum(_link(entry, private) for entry in shared.glob("*.pb"))
     except OSError as err:
         log.warning("XLA compile cache %s unusable, compiling without it: %s", shared, err)
-        shutil.rmtree(private, ignore_errors=True)
         return None
     log.debug("XLA compile cache %s: %d entries", shared, linked)
     return shared
+
+
+def _empty(private: Path) -> None:
+    """Our private directory, empty: made anew (only by us, only for us) if an
+    earlier run in this process removed it."""
+    if not private.exists():
+        private.mkdir(mode=0o700)  # FileExistsError if someone raced us to it
+    if private.is_symlink() or private.stat().st_uid != os.getuid():
+        raise OSError(f"{private} is not ours")
+    for child in private.iterdir():
+        child.unlink()
 
 
 def _publish_all(private: Path, shared: Path) -> int:
@@ -191,14 +227,21 @@ def _digest(path: Path) -> str:
 
 def _link(entry: Path, private: Path) -> bool:
     """Offer a shared entry to TensorFlow if its content is what its name says."""
-    name, _, digest = entry.stem.rpartition(".")
-    if _digest(entry) != digest:
+    match = ENTRY.fullmatch(entry.name)
+    if match is None:  # not ours
+        return False
+    try:
+        intact = _digest(entry) == match["digest"]
+    except OSError as err:  # another user's, unreadable: the others still serve
+        log.debug("XLA compile cache: skipping %s (%s)", entry, err)
+        return False
+    if not intact:
         # Entries appear by rename, complete: this one was damaged since.
         log.warning("XLA compile cache: deleting %s, which is damaged", entry)
         with contextlib.suppress(OSError):  # a read-only cache: the others still serve
             entry.unlink(missing_ok=True)
         return False
-    link = private / f"{name}.pb"
+    link = private / f"{match['name']}.pb"
     if link.is_symlink():  # another copy of the same program: one is enough
         return False
     link.symlink_to(entry.resolve())
@@ -211,7 +254,13 @@ def _evict(root: Path, max_bytes: int) -> None:
     """Delete the entries offered least recently until the cache fits."""
     try:
         entries = sorted(
-            ((entry.stat(), entry) for entry in root.glob("*/*.pb")),
+            (
+                (entry.stat(), entry)
+                for key in root.iterdir()
+                if KEY_DIR.fullmatch(key.name) and key.is_dir()
+                for entry in key.iterdir()
+                if ENTRY.fullmatch(entry.name)
+            ),
             key=lambda stat_entry: stat_entry[0].st_mtime,
         )
         total = sum(stat.st_size for stat, _ in entries)
@@ -230,6 +279,11 @@ def _publish(entry: Path, shared: Path) -> bool:
         return False
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=shared)
     try:
+        # Readable as any file we write (mkstemp's 0600 would lock out other
+        # users of a shared cache).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as out:
             out.write(entry.read_bytes())
         os.replace(tmp, target)

@@ -18,10 +18,10 @@ from job import compile_cache
 from tests.conftest import run_tiny_job, start_tiny_job
 
 
-def train(tmp_path, out: str, *options: str):
+def train(tmp_path, out: str, *options: str, env: dict | None = None):
     result = run_tiny_job(
         "train", "--verbose", "--deterministic", "--epochs", "1",
-        "--output-dir", str(tmp_path / out), *options,
+        "--output-dir", str(tmp_path / out), *options, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -47,6 +47,9 @@ def test_a_later_run_loads_the_compiled_step_and_trains_the_same(tmp_path):
     assert "0 entries" in first.stderr and "1 new entries" in first.stderr
     (entry,) = entries(cache)
     assert intact(entry)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o666 & ~umask  # other users may read it
 
     second = train(tmp_path, "second", "--compile-cache", str(cache))
     assert "1 entries" in second.stderr and "0 new entries" in second.stderr
@@ -83,6 +86,16 @@ def test_a_damaged_entry_is_replaced_not_loaded(tmp_path, damage):
     assert fresh != entry and intact(fresh)
 
 
+def test_a_temporary_dir_with_a_space_in_its_name_works(tmp_path):
+    """TensorFlow splits its flags at spaces: the private dir's path is quoted."""
+    cache, tmp = tmp_path / "cache", tmp_path / "my tmp"
+    tmp.mkdir()
+    for out in ("first", "second"):
+        result = train(tmp_path, out, "--compile-cache", str(cache), env={"TMPDIR": str(tmp)})
+    assert "0 new entries" in result.stderr
+    assert not (tmp_path / "my").exists()
+
+
 def test_an_unusable_cache_dir_only_costs_the_compile(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -106,23 +119,34 @@ def test_the_key_changes_with_xla_flags(monkeypatch):
 
 
 def test_the_entries_offered_least_recently_go_when_the_cache_is_full(tmp_path):
-    key = tmp_path / "tf-key"
+    key = tmp_path / "tf2.21.0-0123456789abcdef"
     key.mkdir()
     for age, name in enumerate(["new", "middle", "old"]):
-        entry = key / f"{name}.pb"
+        entry = key / f"{name}.{hashlib.sha256(name.encode()).hexdigest()}.pb"
         entry.write_bytes(b"x" * 100)
         os.utime(entry, (1000 - age, 1000 - age))
+    # Files the cache did not write are never its to delete, however old.
+    theirs = [tmp_path / "model" / "saved_model.pb", key / "frozen_graph.pb"]
+    for path in theirs:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1, 1))
     compile_cache._evict(tmp_path, max_bytes=250)
-    assert sorted(entry.stem for entry in key.glob("*.pb")) == ["middle", "new"]
+    assert sorted(entry.name.split(".")[0] for entry in key.glob("*.*.pb")) == ["middle", "new"]
+    assert all(path.exists() for path in theirs)
 
 
 def test_private_dirs_of_killed_processes_are_removed(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()  # its pid is free now
-    dead = tmp_path / f"{compile_cache.PRIVATE_PREFIX}{gone.pid}-x"
-    alive = tmp_path / f"{compile_cache.PRIVATE_PREFIX}{os.getpid()}-x"
+    here = f"{compile_cache.PRIVATE_PREFIX}{compile_cache._host()}"
+    dead = tmp_path / f"{here}-{gone.pid}-x"
+    alive = tmp_path / f"{here}-{os.getpid()}-x"
+    # Process ids of another host (a container sharing /tmp) mean nothing here.
+    elsewhere = tmp_path / f"{compile_cache.PRIVATE_PREFIX}elsewhere-{gone.pid}-x"
     other = tmp_path / "someone-else"
-    for path in (dead, alive, other):
+    for path in (dead, alive, elsewhere, other):
         path.mkdir()
     compile_cache._remove_orphans(tmp_path)
-    assert not dead.exists() and alive.exists() and other.exists()
+    assert not dead.exists()
+    assert alive.exists() and elsewhere.exists() and other.exists()
