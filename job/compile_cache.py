@@ -128,13 +128,12 @@ def _remove_orphans(tmp: Path) -> None:
     mean nothing here) are left alone."""
     for orphan in tmp.glob(f"{PRIVATE_PREFIX}{_host()}-*-*"):
         pid = orphan.name.rsplit("-", 2)[1]
-        if not pid.isdigit() or orphan.stat().st_uid != os.getuid():
-            continue
         try:
-            os.kill(int(pid), 0)
+            if pid.isdigit() and orphan.stat().st_uid == os.getuid():
+                os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(orphan, ignore_errors=True)
-        except PermissionError:  # alive, another user's
+        except OSError:  # alive but another user's, or gone meanwhile
             pass
 
 
