@@ -260,13 +260,9 @@ def chart(results: dict, path: Path) -> None:
             ax.bar(names, anonymous, fill=False, hatch="//", edgecolor="#222",
                    linewidth=0, label="anonymous (rest: mapped libraries)")  # fmt: skip
             floors = results["memory_floor"]
-            ax.axhline(
-                floors["one compiled step"]["peak_rss_mb"],
-                color="#d62728",
-                linestyle="--",
-                linewidth=1,
-                label="TensorFlow + one XLA step",
-            )
+            ax.axhline(floors["one compiled step"]["peak_rss_mb"],
+                       color="#d62728", linestyle="--", linewidth=1,
+                       label="TensorFlow + one XLA step")  # fmt: skip
             ax.axhline(floors["one step from the compile cache"]["peak_rss_mb"],
                        color="#d62728", linestyle=":", linewidth=1,
                        label="the same, loaded from the cache")  # fmt: skip
