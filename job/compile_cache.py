@@ -46,6 +46,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from job import artifacts
+
 log = logging.getLogger(__name__)
 
 FLAG = "--tf_xla_persistent_cache_directory"
@@ -249,21 +251,28 @@ def _link(entry: Path, private: Path) -> bool:
     return True
 
 
+def entries(root: Path) -> list[Path]:
+    """The cache's own entries under `root`, and nothing else that lives there."""
+    if not root.is_dir():
+        return []
+    return [
+        entry
+        for key in root.iterdir()
+        if KEY_DIR.fullmatch(key.name) and key.is_dir()
+        for entry in key.iterdir()
+        if ENTRY.fullmatch(entry.name)
+    ]
+
+
 def _evict(root: Path, max_bytes: int) -> None:
     """Delete the entries offered least recently until the cache fits."""
     try:
-        entries = sorted(
-            (
-                (entry.stat(), entry)
-                for key in root.iterdir()
-                if KEY_DIR.fullmatch(key.name) and key.is_dir()
-                for entry in key.iterdir()
-                if ENTRY.fullmatch(entry.name)
-            ),
+        stats = sorted(
+            ((entry.stat(), entry) for entry in entries(root)),
             key=lambda stat_entry: stat_entry[0].st_mtime,
         )
-        total = sum(stat.st_size for stat, _ in entries)
-        for stat, entry in entries:
+        total = sum(stat.st_size for stat, _ in stats)
+        for stat, entry in stats:
             if total <= max_bytes:
                 break
             entry.unlink(missing_ok=True)
@@ -273,20 +282,9 @@ def _evict(root: Path, max_bytes: int) -> None:
 
 
 def _publish(entry: Path, shared: Path) -> bool:
-    target = shared / f"{entry.stem}.{_digest(entry)}.pb"
+    program = entry.read_bytes()
+    target = shared / f"{entry.stem}.{hashlib.sha256(program).hexdigest()}.pb"
     if target.exists():  # another process published the same program
         return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=shared)
-    try:
-        # Readable as any file we write (mkstemp's 0600 would lock out other
-        # users of a shared cache).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as out:
-            out.write(entry.read_bytes())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    artifacts.write_bytes(target, program)  # readable by other users of the cache, as any file
     return True

@@ -207,12 +207,10 @@ def _compile_cache(path: Path | None) -> dict | None:
     """The XLA compile cache: where, whether runs can add to it, what it holds."""
     if path is None:
         return None
-    entries = [entry.stat().st_size for entry in Path(path).glob("*/*.pb")]
-    return {
-        **_writable(path),
-        "programs": len(entries),
-        "megabytes": sum(entries) / 2**20,
-    }
+    from job.compile_cache import entries
+
+    sizes = [entry.stat().st_size for entry in entries(Path(path))]
+    return {**_writable(path), "programs": len(sizes), "megabytes": sum(sizes) / 2**20}
 
 
 def _writable(path: Path) -> dict:

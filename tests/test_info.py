@@ -116,9 +116,10 @@ def test_gpu_device_without_a_cuda_build_gets_a_hint(tmp_path):
 
 
 def test_the_compile_cache_is_counted_or_reported_off(tmp_path):
-    entry = tmp_path / "xla" / "tf-key" / "program.0123.pb"
+    entry = tmp_path / "xla" / "tf2.21.0-0123456789abcdef" / f"program.{'0' * 64}.pb"
     entry.parent.mkdir(parents=True)
     entry.write_bytes(b"x" * 2**20)
+    (entry.parent / "frozen_graph.pb").write_bytes(b"a user's file, not the cache's")
     info = collect(TrainConfig(output_dir=tmp_path, compile_cache=tmp_path / "xla"), {})
     assert info["compile_cache"]["programs"] == 1
     assert "1 compiled program(s), 1.0 MB" in text(info)
