@@ -38,8 +38,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    # Temporaries of earlier writes of this target that a kill interrupted:
-    # only one process writes a target, so none of them is in use.
+    # Temporaries of earlier writes of this target that a kill interrupted.
+    # Only one process writes a target, except compile cache entries, whose
+    # writers all write the same bytes: one whose temporary goes here fails its
+    # rename, and the entry is there all the same.
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
         shutil.rmtree(stale, ignore_errors=True)
     _fsync_dir(target.parent)
