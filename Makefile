@@ -11,6 +11,7 @@ ARGS ?=
 WORKERS ?= 2
 PYTEST_ARGS ?=
 TENSORBOARD_HOST ?= localhost
+TENSORBOARD_PORT ?= 6006
 
 .PHONY: help install train train-multiworker test test-fast lint format tensorboard bench clean lock
 
@@ -46,8 +47,8 @@ format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-tensorboard: $(VENV_STAMP) ## Serve outputs/ on port 6006 of TENSORBOARD_HOST (default localhost)
-	$(VENV)/bin/tensorboard --logdir $(OUTPUT_DIR) --host $(TENSORBOARD_HOST) --port 6006
+tensorboard: $(VENV_STAMP) ## Serve OUTPUT_DIR's logs on TENSORBOARD_HOST:TENSORBOARD_PORT (localhost:6006)
+	$(VENV)/bin/tensorboard --logdir $(OUTPUT_DIR) --host $(TENSORBOARD_HOST) --port $(TENSORBOARD_PORT)
 
 bench: $(VENV_STAMP) ## Benchmark the seed script against mnist-job (writes bench/)
 	$(PY) scripts/bench.py $(ARGS)
