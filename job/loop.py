@@ -62,6 +62,42 @@ def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np
     return permutation[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
+def chunk_stop(step: int, steps: int, global_step: int, checkpoint_every: int | None) -> int:
+    """Where a chunk that starts at `step` of an epoch of `steps` ends: at the
+    epoch's end, after MAX_CHUNK_STEPS, or at the next --checkpoint-every
+    boundary (in global steps, `global_step` being where the chunk starts),
+    whichever is first."""
+    stop = min(steps, step + MAX_CHUNK_STEPS)
+    if checkpoint_every:
+        stop = min(stop, step + checkpoint_every - global_step % checkpoint_every)
+    return stop
+
+
+def epoch_record(
+    epoch: int,
+    steps: int,
+    global_batch: int,
+    loss_sum: float,
+    correct: float,
+    seconds: float,
+    validation: Evaluation,
+) -> dict:
+    """What metrics.json's history and TensorBoard record of epoch `epoch`
+    (1-based): `loss_sum` and `correct` are summed over its `steps` steps of
+    `global_batch` images, `seconds` spent on them (across resumes)."""
+    return {
+        "epoch": epoch,
+        "loss": loss_sum / steps,
+        "accuracy": correct / (steps * global_batch),
+        "val_loss": validation.loss,
+        "val_accuracy": validation.accuracy,
+        # The epoch's steps, in this process and any before a resume.
+        "seconds": seconds,
+        # 0 only after a resume from a checkpoint written before `seconds` was.
+        "images_per_second": steps * global_batch / seconds if seconds else 0.0,
+    }
+
+
 class Trainer:
     """Runs epochs and chunks of steps; the runner decides what to save when."""
 
@@ -205,12 +241,7 @@ class Trainer:
                 if self.single_process and stop_requested():
                     self._checkpoint(state, on_checkpoint)
                     return False
-                # A chunk ends at the epoch's end, after MAX_CHUNK_STEPS, or at the
-                # next checkpoint boundary (in global steps), whichever is first.
-                stop = min(steps, state.step + MAX_CHUNK_STEPS)
-                if checkpoint_every:
-                    to_boundary = checkpoint_every - state.global_step % checkpoint_every
-                    stop = min(stop, state.step + to_boundary)
+                stop = chunk_stop(state.step, steps, state.global_step, checkpoint_every)
                 loss_sum, correct, stop_all = self.run_chunk(
                     train, order, state.step, stop, stop_requested()
                 )
@@ -234,19 +265,15 @@ class Trainer:
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and stop < steps:
                     self._checkpoint(state, on_checkpoint)
             validation = self.evaluate(test)
-            record = {
-                "epoch": state.epoch + 1,
-                "loss": state.loss_sum / steps,
-                "accuracy": state.correct / (steps * self.global_batch),
-                "val_loss": validation.loss,
-                "val_accuracy": validation.accuracy,
-                # The epoch's steps, in this process and any before a resume.
-                "seconds": state.seconds,
-                # 0 only after a resume from a checkpoint written before `seconds` was.
-                "images_per_second": (
-                    steps * self.global_batch / state.seconds if state.seconds else 0.0
-                ),
-            }
+            record = epoch_record(
+                state.epoch + 1,
+                steps,
+                self.global_batch,
+                state.loss_sum,
+                state.correct,
+                state.seconds,
+                validation,
+            )
             state.history.append(record)
             state.epoch, state.step, state.loss_sum, state.correct, state.seconds = (
                 state.epoch + 1, 0, 0.0, 0.0, 0.0
