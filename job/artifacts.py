@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,14 +83,25 @@ def export_saved_model(model, target: Path) -> None:
         model.export(tmp, format="tf_saved_model", verbose=False)
 
 
-def unwritable_reason(path: Path) -> str | None:
-    """Why directory `path` (created if missing) cannot take our files, or None."""
+def unwritable_reason(path: Path, create: bool = True) -> str | None:
+    """Why directory `path` cannot take our files, or None: tries a temporary
+    file in it. `create`: make `path` first if missing; otherwise try its
+    nearest existing parent and leave nothing behind."""
+    path = Path(path)
+    probe = path
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            if not probe.is_dir():
+                return f"{probe} is not a directory"
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
-        return str(err.strerror or err)
+        reason = str(err.strerror or err)
+        return reason if probe == path else f"{probe}: {reason}"
     return None
 
 
@@ -100,45 +110,3 @@ def ensure_writable_dir(path: Path, what: str) -> None:
     reason = unwritable_reason(path)
     if reason:
         raise ConfigError(f"{what} {path} is not writable: {reason}")
-
-
-def model_file(path: Path) -> Path:
-    """A model.keras path, or an output dir holding one -> the model.keras path."""
-    path = Path(path)
-    return path / "model.keras" if path.is_dir() else path
-
-
-def load_model(path: Path):
-    """Load a model that `mnist-job train` saved (`path`: the file or its dir).
-
-    ConfigError (exit 2) if there is none or it is not a 28x28 -> 10 digits
-    Keras model. Checks the path before importing TensorFlow, so that a wrong
-    path fails at once.
-    """
-    target = model_file(path)
-    if not target.is_file():
-        raise ConfigError(
-            f"no model at {target}: pass --model a model.keras file or an output dir "
-            "of `mnist-job train`"
-        )
-    if target.suffix == ".keras" and not zipfile.is_zipfile(target):
-        # Keras would say "File not found" of a file that is right there.
-        raise ConfigError(
-            f"cannot load model {target}: not a complete .keras file (truncated or corrupt); "
-            "train again, or copy it again from where it was written"
-        )
-    import keras
-
-    from job.data import IMAGE_SHAPE, NUM_CLASSES
-
-    try:
-        model = keras.saving.load_model(target, compile=False)
-    except Exception as err:  # Keras raises many types for a bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot load model {target}: {reason}") from None
-    if tuple(model.input_shape[1:]) != IMAGE_SHAPE or model.output_shape[-1] != NUM_CLASSES:
-        raise ConfigError(
-            f"model {target} maps {model.input_shape[1:]} to {model.output_shape[-1]} classes, "
-            f"not {IMAGE_SHAPE} images to {NUM_CLASSES} digits"
-        )
-    return model

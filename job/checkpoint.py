@@ -4,12 +4,16 @@ One file, `latest.npz`: model weights, optimizer slots and a small JSON of
 counters and history, replaced atomically. It is small (about 1.3 MB for the
 seed's model), so writing all of it every time is simpler than anything
 incremental, and a crash mid-write leaves the previous checkpoint intact.
+
+A checkpoint records the settings it depends on (`fingerprint`); `restore`
+resumes only a checkpoint whose fingerprint and arrays fit the run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from job.artifacts import atomic_path
+from job.config import TrainConfig
 from job.errors import ConfigError, JobError
 
 log = logging.getLogger(__name__)
@@ -127,3 +132,65 @@ def check_compatible(saved: TrainState, fingerprint: dict, path: Path) -> None:
             f"checkpoint {path} was written with other settings ({'; '.join(changed)}): "
             "rerun with the original settings, or pass --overwrite to start over"
         )
+
+
+def fingerprint(config: TrainConfig, train_size: int) -> dict:
+    """What a checkpoint depends on: resuming with other values would be wrong."""
+    return {
+        "hidden_units": list(config.hidden_units),
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "seed": config.seed,
+        "train_size": train_size,
+    }
+
+
+def restore(
+    config: TrainConfig, model, optimizer, steps_per_epoch: int, train_size: int, fresh: bool
+) -> TrainState:
+    """The state to train from: the checkpoint's, loaded into the model and the
+    optimizer, or a new one (`fresh`, no checkpoint, or --overwrite of one that
+    cannot be resumed)."""
+    expected = fingerprint(config, train_size)
+    path = config.checkpoint_path
+    try:
+        saved = None if fresh else load(path)
+        if saved is None:
+            return TrainState(steps_per_epoch=steps_per_epoch, fingerprint=expected)
+        weights, optimizer_values, state = saved
+        check_compatible(state, expected, path)
+        check_fits(weights, model.weights, optimizer_values, optimizer.variables, path)
+        if state.global_step > config.epochs * steps_per_epoch:
+            raise ConfigError(
+                f"checkpoint {path} is past --epochs {config.epochs} (at "
+                f"epoch {state.epoch + 1}, step {state.step}): pass --epochs "
+                f"{state.epoch + (1 if state.step else 0)} or more to resume it, "
+                "or --overwrite to start over"
+            )
+    except ConfigError as err:  # corrupt, of other settings, or past --epochs
+        if not config.overwrite:
+            raise
+        # --overwrite starts over from a corrupt checkpoint or one of other
+        # settings, but a compatible one is still resumed: a preempted pod whose
+        # spec says --overwrite must not throw away its progress on every restart.
+        log.warning("--overwrite: starting over (%s)", err)
+        discard_training_state(config)
+        return TrainState(steps_per_epoch=steps_per_epoch, fingerprint=expected)
+    model.set_weights(weights)
+    for variable, value in zip(optimizer.variables, optimizer_values, strict=True):
+        variable.assign(value)
+    log.info(
+        "Resuming from %s: epoch %d, step %d (global step %d)",
+        path,
+        state.epoch + 1,
+        state.step,
+        state.global_step,
+    )
+    return state
+
+
+def discard_training_state(config: TrainConfig) -> None:
+    """Forget a run's checkpoint and logs, which would otherwise be resumed
+    from or mixed into the new run's."""
+    shutil.rmtree(config.checkpoint_path.parent, ignore_errors=True)
+    shutil.rmtree(config.tensorboard_path, ignore_errors=True)

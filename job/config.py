@@ -1,8 +1,10 @@
 """Every setting of a training run, with its default, in one typed place.
 
 The defaults reproduce the seed script: the same MLP, Adam at 1e-3, 5 epochs of
-batch 32, the test set as validation data. The CLI builds a `TrainConfig` from
-flags and `MNIST_JOB_*` environment variables; tests build one directly.
+batch 32, the test set as validation data. The CLI builds a `TrainConfig` with
+`from_options`: flags and `MNIST_JOB_*` variables (read by click), then the
+platform's variables (Vertex AI's AIP_*, SageMaker's SM_*), then the defaults.
+Tests build one directly.
 """
 
 from __future__ import annotations
@@ -165,3 +167,46 @@ class TrainConfig:
 
 
 DEFAULTS = TrainConfig()
+
+
+# Platform conventions (Vertex AI, SageMaker), used where no flag or MNIST_JOB_*
+# variable sets the option (flag > MNIST_JOB_* > platform > default). Only local
+# paths count: a gs:// or s3:// URI is the platform's business, not a directory
+# we can write.
+PLATFORM_ENV = {
+    "model_dir": ("AIP_MODEL_DIR", "SM_MODEL_DIR"),
+    "checkpoint_dir": ("AIP_CHECKPOINT_DIR",),
+    "tensorboard_dir": ("AIP_TENSORBOARD_LOG_DIR",),
+    "output_dir": ("SM_OUTPUT_DATA_DIR",),
+    "data_dir": ("SM_CHANNEL_TRAINING",),
+}
+
+
+def from_options(options: dict, environ=os.environ) -> TrainConfig:
+    """The TrainConfig of a command's options (None where not given; click has
+    already read flags and MNIST_JOB_* variables) and the platform's variables."""
+    options = apply_platform_env(options, environ)
+    if options.pop("no_compile_cache", False):
+        options["compile_cache"] = None
+    return TrainConfig(**options)
+
+
+def apply_platform_env(options: dict, environ=os.environ) -> dict:
+    """`options` with the platform's variables filled in where an option is
+    None, and the options still None left out (their defaults apply)."""
+    options = dict(options)
+    for name, variables in PLATFORM_ENV.items():
+        if options.get(name) is not None:
+            continue
+        for variable in variables:
+            value = environ.get(variable, "")
+            if value and "://" not in value:
+                options[name] = Path(value)
+                break
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def resolve_data_dir(data_dir: Path | None, environ=os.environ) -> Path:
+    """--data-dir or MNIST_JOB_DATA_DIR, else SageMaker's channel, else the
+    default: every command that reads MNIST finds it where `train` does."""
+    return apply_platform_env({"data_dir": data_dir}, environ).get("data_dir", DEFAULTS.data_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from job.artifacts import atomic_path, unwritable_reason
-from job.config import IMAGE_SHAPE, NUM_CLASSES, default_data_dir  # noqa: F401  (re-exported)
+from job.config import IMAGE_SHAPE
 from job.errors import DataError
 
 try:

@@ -1,12 +1,21 @@
-"""Errors that end the job with a documented exit code.
+"""Every failure the job expects, and the exit code each one ends with.
 
 Kubernetes' podFailurePolicy keys on these codes, so they are part of the
 job's interface: change one and you change how clusters treat a failed pod.
+The CLI catches JobError in one place and prints its message as one line;
+`explain` turns the machine's failures (a full volume, out of memory) into
+JobErrors first. Anything else is a bug: a traceback and exit 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
+import os
+import re
+import sys
+from collections.abc import Iterator
 
 
 class ExitCode(enum.IntEnum):
@@ -17,6 +26,23 @@ class ExitCode(enum.IntEnum):
     DEVICE = 4  # the requested device (GPU) is not visible
     INTERRUPTED = 130  # Ctrl-C (128 + 2): rerun resumes from the last checkpoint
     TERMINATED = 143  # SIGTERM (128 + 15): checkpoint written, rerun resumes
+
+
+EXIT_CODES_HELP = """
+\b
+Exit codes:
+  0    success
+  1    unexpected failure (a bug, out of memory, a lost worker): worth a
+       retry, which resumes from the last checkpoint
+  2    usage or configuration error (bad option or environment, unusable
+       output dir, finished run without --overwrite, checkpoint corrupt or
+       made with other settings, output volume full or read-only, loss or
+       weights diverged to NaN): fix the command or the volume
+  3    MNIST unavailable or corrupt; predict: an image could not be read
+  4    requested device unavailable (--device gpu without a GPU)
+  130  interrupted (Ctrl-C): rerun to resume from the last checkpoint
+  143  stopped by SIGTERM after writing a checkpoint: rerun to resume
+"""
 
 
 class JobError(Exception):
@@ -58,3 +84,59 @@ class WorkerLost(JobError):
     a retry (Kubernetes restarts the pods) resumes from the last checkpoint."""
 
     exit_code = ExitCode.FAILURE
+
+
+# A full or read-only volume: retrying on the same volume cannot help.
+VOLUME_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def explain(err: BaseException) -> JobError | None:
+    """One line for a failure of the machine rather than of the code, where a
+    traceback would only bury the cause; None for anything else."""
+    tf = sys.modules.get("tensorflow")  # not imported yet: not TensorFlow's error
+    tf_exhausted = tf is not None and isinstance(err, tf.errors.ResourceExhaustedError)
+    if tf_exhausted:
+        # TensorFlow's own file writes (the SavedModel's) report a full disk so too.
+        for code in VOLUME_ERRNOS:
+            if os.strerror(code) in str(err):
+                return volume_error(os.strerror(code), " (TensorFlow writing a file)")
+    if isinstance(err, MemoryError) or tf_exhausted:
+        # TensorFlow's message is a page of kernel and device names; the shape is the news.
+        shape = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(err))
+        return OutOfMemory(
+            f"out of memory ({shape.group(0) if shape else type(err).__name__}): "
+            "lower --hidden-units or --batch-size, or give the job more memory"
+        )
+    if isinstance(err, OSError) and err.errno in VOLUME_ERRNOS:
+        return volume_error(err.strerror, f" writing {err.filename}" if err.filename else "")
+    return None
+
+
+@contextlib.contextmanager
+def explained() -> Iterator[None]:
+    """Inside the block, failures that `explain` knows become their JobError."""
+    try:
+        yield
+    except Exception as err:
+        job_error = explain(err)
+        if job_error is None:
+            raise
+        raise job_error from err
+
+
+def volume_error(reason: str, where: str) -> ConfigError:
+    # Every file is written beside its target and renamed into place, so a
+    # failed write leaves the previous checkpoint and artifacts as they were.
+    return ConfigError(
+        f"{reason}{where}: the checkpoints and files written before are intact; "
+        "make room (or make the volume writable) and rerun the same command to resume"
+    )
+
+
+def abort_reason(err) -> str:
+    """The line of a collective's abort message (TensorFlow's AbortedError or
+    UnavailableError, a page of gRPC detail) that says why."""
+    for line in err.message.splitlines():
+        if "aborted by:" in line:
+            return line.split("aborted by:", 1)[1].strip().rstrip(":")
+    return type(err).__name__

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job.data import NUM_CLASSES
+from job.config import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,9 @@ def evaluate(model_path: Path, data_dir: Path, output_dir: Path, datasets=None):
     """Evaluate the model at `model_path` (a model.keras or an output dir) on
     the test set; write both figures to `output_dir`. Returns (Report, paths)."""
     from job import artifacts
+    from job.model import load_model
 
-    model = artifacts.load_model(model_path)
+    model = load_model(model_path)
     artifacts.ensure_writable_dir(output_dir, "output dir")
     if datasets is None:
         from job.data import load

@@ -13,9 +13,9 @@ import glob
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
+from job.artifacts import unwritable_reason
 from job.config import TrainConfig
 from job.errors import JobError
 
@@ -142,10 +142,12 @@ def to_json(info: dict) -> str:
 
 
 def _tensorflow() -> dict:
+    from job.outputs import versions
+
     try:
-        import keras
-        import numpy
         import tensorflow as tf
+
+        found = versions()
     except Exception as err:  # a broken install is exactly what info must report
         return {"error": f"{type(err).__name__}: {err}".splitlines()[0]}
     build = dict(tf.sysconfig.get_build_info())
@@ -160,11 +162,7 @@ def _tensorflow() -> dict:
             }
         )
     return {
-        "versions": {
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": numpy.__version__,
-        },
+        "versions": found,
         "cuda_build": bool(build.get("is_cuda_build")),
         "cuda_version": build.get("cuda_version"),
         "cudnn_version": build.get("cudnn_version"),
@@ -214,20 +212,12 @@ def _compile_cache(path: Path | None) -> dict | None:
 
 
 def _writable(path: Path) -> dict:
-    """Could `train` write there? Tries a temporary file in the directory, or
-    in its nearest existing parent if it does not exist yet (it creates none)."""
+    """Could `train` write there? Creates nothing to find out."""
     path = Path(path)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     result = {"path": str(path), "exists": path.is_dir()}
-    if not probe.is_dir():
-        return {**result, "writable": False, "detail": f"{probe} is not a directory"}
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        return {**result, "writable": False, "detail": f"{probe}: {err.strerror or err}"}
+    reason = unwritable_reason(path, create=False)
+    if reason:
+        return {**result, "writable": False, "detail": reason}
     if (path / "metrics.json").is_file():
         result["detail"] = "holds a finished run: train needs --overwrite or another dir"
     return {**result, "writable": True}

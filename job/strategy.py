@@ -183,6 +183,26 @@ class Placement:
         return self.strategy_name in ("default", "one-device")
 
 
+def log_placement(placement: Placement, config: TrainConfig) -> None:
+    log.info(
+        "Strategy %s: %d replica(s) on %s; global batch %d = %d per replica; %d CPU threads",
+        placement.strategy_name,
+        placement.num_replicas,
+        ", ".join(placement.gpus) or "CPU",
+        config.batch_size,
+        config.batch_size // placement.num_replicas,
+        placement.cpu_threads,
+        extra={
+            "event": "start",
+            "strategy": placement.strategy_name,
+            "replicas": placement.num_replicas,
+            "gpus": placement.gpus,
+            "cpu_threads": placement.cpu_threads,
+            "config": config.to_dict(),
+        },
+    )
+
+
 # XLA's CPU multi-output fusion, off by default in TensorFlow 2.21: it updates
 # both of Adam's moments of a weight in one kernel instead of two. Same math
 # (with --deterministic, bit for bit the same weights; without, they differ in

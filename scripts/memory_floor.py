@@ -20,8 +20,7 @@ from types import SimpleNamespace
 def compiled_step() -> None:
     import tensorflow as tf
 
-    from job.config import TrainConfig
-    from job.data import IMAGE_SHAPE
+    from job.config import IMAGE_SHAPE, TrainConfig
     from job.loop import Trainer, epoch_order
     from job.model import build_model, build_optimizer
 

@@ -54,6 +54,16 @@ def tiny_config(tmp_path) -> TrainConfig:
     )
 
 
+def cut_short_after_one_epoch(config: TrainConfig, tiny):
+    """Run one epoch of `config`, then pretend the run was cut short there:
+    its checkpoint stays, its metrics.json (the "finished" mark) goes."""
+    from job.runner import run
+
+    first = run(config.replace(epochs=1), datasets=tiny)
+    (config.output_dir / "metrics.json").unlink()
+    return first
+
+
 def run_job(
     *args: str, env: dict | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from job.cli import _apply_platform_env
 from tests.conftest import error_lines, run_job, run_tiny_job
 
 
@@ -130,22 +128,6 @@ def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "mnist-job: interrupted; rerun train to resume from its checkpoint"
     ]
-
-
-def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
-    environ = {
-        "AIP_MODEL_DIR": str(tmp_path / "model"),
-        "AIP_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
-        "AIP_TENSORBOARD_LOG_DIR": "gs://bucket/logs",  # a URI is not a local path
-        "SM_CHANNEL_TRAINING": str(tmp_path / "data"),
-        "SM_OUTPUT_DATA_DIR": str(tmp_path / "sm-out"),
-    }
-    options = _apply_platform_env({"model_dir": None, "output_dir": Path("flag")}, environ)
-    assert options["model_dir"] == tmp_path / "model"
-    assert options["checkpoint_dir"] == tmp_path / "ckpt"
-    assert "tensorboard_dir" not in options
-    assert options["data_dir"] == tmp_path / "data"
-    assert options["output_dir"] == Path("flag")  # the flag wins over SM_OUTPUT_DATA_DIR
 
 
 def test_data_commands_look_for_mnist_where_train_does(tmp_path, monkeypatch):

@@ -175,14 +175,6 @@ def leftovers(d: Path) -> list[str]:
 # ---------------------------------------------------------------- cache
 
 
-def test_default_data_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.default_data_dir() == tmp_path / "xdg" / "mnist-job"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.default_data_dir() == tmp_path / "home" / ".cache" / "mnist-job"
-
-
 def test_good_cache_verifies_and_loads_without_fetching(data_dir, mnist, source, monkeypatch):
     data_dir.mkdir()
     path = write_npz(data_dir / "mnist.npz", mnist)

@@ -21,8 +21,8 @@ import click
 import kubernetes_validate
 import pytest
 
-from job.cli import _train_options, train
-from job.config import TrainConfig
+from job.cli import train
+from job.config import TrainConfig, from_options
 from job.errors import ExitCode
 from job.strategy import resolve_cluster
 from tests import kubelet
@@ -150,7 +150,7 @@ def parse_train(container: dict, monkeypatch, extra_env: dict | None = None) -> 
     except click.ClickException as err:
         pytest.fail(f"{container['name']}: the CLI rejects the manifest: {err.format_message()}")
     options = {k: v for k, v in ctx.params.items() if k not in ("verbose", "sagemaker_model_dir")}
-    return TrainConfig(**_train_options(options, {}))
+    return from_options(options, {})
 
 
 @pytest.mark.parametrize("name", JOB_FILES)

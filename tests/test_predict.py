@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from job.artifacts import load_model
 from job.config import TrainConfig
 from job.data import Mnist
+from job.model import load_model
 from job.predict import BadImage, predict_files, preprocess, read_image
 from job.runner import run
 from tests.conftest import error_lines, run_job
