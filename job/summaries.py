@@ -91,7 +91,10 @@ class Summaries:
             writer.flush()
 
     def close(self) -> None:
-        for writer in self._writers.values():
+        """Flush and close every writer. Safe to call again; from then on this
+        Summaries writes nothing, as one for a worker that does not write."""
+        writers, self._writers = self._writers, {}
+        for writer in writers.values():
             writer.close()
 
 
