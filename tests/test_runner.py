@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import errno
 import gc
-import io
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from job.errors import ConfigError, Diverged
 from job.runner import run
@@ -31,15 +29,6 @@ def test_tensorboard_has_per_epoch_scalars_and_the_prediction_panel(finished_run
         for tag in ("epoch_loss", "epoch_accuracy"):
             assert [step for step, _ in found[tag]] == [1, 2], (run_name, tag)
     assert "predictions" in image_tags(logs / "validation")
-
-
-def test_predictions_png_wraps_every_ten_panels(tiny):
-    from job.plots import predictions_panel
-
-    count = 25
-    png = predictions_panel(tiny.x_test[:count], tiny.y_test[:count], tiny.y_test[:count])
-    with Image.open(io.BytesIO(png)) as image:
-        assert image.size == (2000, 1200)  # 10 panels across, 3 rows
 
 
 def test_run_leaves_the_garbage_collector_as_it_found_it(finished_run, tiny):
