@@ -1,6 +1,8 @@
 """Writing results so that a crash never leaves a half-written file that looks
 complete: everything goes to a temporary name beside its target and is renamed
-into place (rename is atomic within a filesystem)."""
+into place (rename is atomic within a filesystem). A temporary's name holds
+its writer's host and process id, so that the next write of the target clears
+what a killed writer left and nothing a live one is still writing."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +28,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     Works for files and directories.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    owner = f"{socket.gethostname()}.{os.getpid()}"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner}.", dir=target.parent))
     tmp = tmp_dir / target.name
     try:
         yield tmp
@@ -37,13 +42,40 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    # Temporaries of earlier writes of this target that a kill interrupted.
-    # Only one process writes a target, except compile cache entries, whose
-    # writers all write the same bytes: one whose temporary goes here fails its
-    # rename, and the entry is there all the same.
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # Temporaries of earlier writes of this target that a kill interrupted;
+    # never one that a live process may still be writing.
+    for other in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if _abandoned(other, other.name[len(target.name) + 2 :]):
+            shutil.rmtree(other, ignore_errors=True)
     _fsync_dir(target.parent)
+
+
+# A write takes seconds at most: a temporary this old whose writer we cannot
+# check (another host's, or of an older version) was abandoned.
+ABANDONED_AFTER_SECONDS = 3600
+
+
+def _abandoned(tmp: Path, owner: str) -> bool:
+    """Whether the temporary `tmp`, named for `owner` (`<host>.<pid>.<random>`),
+    was left by a writer that is gone: a process of this host that no longer
+    runs, or anyone, an hour ago."""
+    host, pid, _ = [*owner.rsplit(".", 2), "", ""][:3]
+    if host == socket.gethostname() and pid.isdigit():
+        return not _running(int(pid))
+    try:
+        return time.time() - tmp.lstat().st_mtime > ABANDONED_AFTER_SECONDS
+    except OSError:
+        return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:
@@ -68,7 +100,9 @@ def write_bytes(target: Path, data: bytes) -> None:
 
 
 def write_json(target: Path, obj: dict) -> None:
-    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON: a NaN or an infinity is a ValueError, never bare `NaN`."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    write_bytes(target, (text + "\n").encode())
 
 
 def save_keras_model(model, target: Path) -> None:

@@ -1,5 +1,6 @@
-"""A run's outputs: the output dir's checks before training, and the chief's
-last act after it: the model, the figures, then metrics.json.
+"""A run's outputs: the output dir, claimed before training (checked and
+locked), and the chief's last act after it: the model, the figures, then
+metrics.json.
 
 metrics.json is written last, so that its presence means the run finished; a
 dir that holds one is a finished run, which only --overwrite replaces, and
@@ -8,15 +9,17 @@ only once the new run has passed every check.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from job import artifacts, checkpoint
+from job import artifacts, checkpoint, dirlock
 from job.config import TrainConfig
 from job.errors import ConfigError
 
@@ -34,9 +37,24 @@ class Trained:
     test_labels: np.ndarray
 
 
-def check_output_dirs(config: TrainConfig) -> None:
-    """Fail before any training if a dir we write cannot take files, or if the
-    output dir holds a finished run that is not to be replaced."""
+@contextlib.contextmanager
+def claimed(config: TrainConfig, is_chief: bool) -> Iterator[None]:
+    """The output dir, held by this run for the block. Fails before anything
+    else if a dir we write cannot take files, if another run holds the output
+    dir, or if it holds a finished run that is not to be replaced. Only the
+    chief writes and holds the lock; every worker refuses a finished run, so
+    that none waits for a chief that will not come."""
+    if is_chief:
+        _check_writable(config)
+        with dirlock.held(config.output_dir):
+            _refuse_finished_run(config)
+            yield
+    else:
+        _refuse_finished_run(config)
+        yield
+
+
+def _check_writable(config: TrainConfig) -> None:
     for path, what in (
         (config.output_dir, "output dir"),
         # Dirs set apart from the output dir; the defaults inside it are made
@@ -47,6 +65,9 @@ def check_output_dirs(config: TrainConfig) -> None:
     ):
         if path is not None:
             artifacts.ensure_writable_dir(path, what)
+
+
+def _refuse_finished_run(config: TrainConfig) -> None:
     if config.metrics_path.exists() and not config.overwrite:
         raise ConfigError(
             f"{config.output_dir} holds a finished run (metrics.json): "

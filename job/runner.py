@@ -43,6 +43,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         sigterm.handled() as termination,
         collector.paused() as startup_done,
         _task_fields(cluster),
+        outputs.claimed(config, cluster.is_chief),
     ):
         job = _prepare(config, cluster, datasets, strategy)
         from job.summaries import Summaries
@@ -76,8 +77,6 @@ def _prepare(config: TrainConfig, cluster: Cluster, datasets, strategy) -> _Job:
     of a finished run is deleted before every check has passed."""
     # Every worker decides this before the chief deletes anything.
     replaces_finished_run = config.overwrite and config.metrics_path.exists()
-    if cluster.is_chief:
-        outputs.check_output_dirs(config)
     # Several workers' steps are not XLA-compiled.
     uses_cache = config.compile_cache is not None and not cluster.is_multi_worker
     with compile_cache.binding(enabled=uses_cache):

@@ -4,7 +4,14 @@ that cannot take our files is a configuration error before any training."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -89,18 +96,54 @@ def test_missing_parent_dirs_are_created(tmp_path):
     assert target.read_bytes() == b"png"
 
 
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def temporary(directory: Path, name: str, owner: str, age_seconds: float = 0) -> str:
+    """A `.<name>.<owner>` temporary as a write leaves it, `age_seconds` old."""
+    tmp = directory / f".{name}.{owner}"
+    tmp.mkdir()
+    (tmp / name).write_bytes(b"half")
+    then = time.time() - age_seconds
+    os.utime(tmp, (then, then))
+    return tmp.name
+
+
 def test_the_next_write_sweeps_the_temporaries_of_a_killed_one(tmp_path):
-    # A write killed mid-way (SIGKILL, OOM) leaves its `.<name>.XXXX` dir.
-    stale = tmp_path / ".model.keras.k1ll3d"
-    stale.mkdir()
-    (stale / "model.keras").write_bytes(b"half")
-    other = tmp_path / ".metrics.json.w0rk1ng"  # another target's: not this write's to sweep
-    other.mkdir()
+    host = socket.gethostname()
+    # A write killed mid-way (SIGKILL, OOM) on this host: its process is gone.
+    temporary(tmp_path, "model.keras", f"{host}.{dead_pid()}.k1ll3d")
+    # Another host's, or of an older version: gone once an hour old.
+    temporary(tmp_path, "model.keras", "elsewhere.7.0ld", age_seconds=7200)
+    # Another target's: not this write's to sweep, however old.
+    other = temporary(tmp_path, "metrics.json", f"{host}.{dead_pid()}.0ther", 7200)
     write_bytes(tmp_path / "model.keras", b"model")
-    assert names(tmp_path) == [".metrics.json.w0rk1ng", "model.keras"]
+    assert names(tmp_path) == [other, "model.keras"]
+
+
+def test_the_next_write_leaves_a_live_writers_temporary_alone(tmp_path):
+    host = socket.gethostname()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writer:
+        try:
+            live = temporary(tmp_path, "model.keras", f"{host}.{writer.pid}.l1ve", 7200)
+            recent = temporary(tmp_path, "model.keras", "elsewhere.7.n0w")
+            write_bytes(tmp_path / "model.keras", b"model")
+            assert names(tmp_path) == sorted([live, recent, "model.keras"])
+        finally:
+            writer.kill()
 
 
 # -- write_json ----------------------------------------------------------------------
+
+
+def test_write_json_refuses_nan_rather_than_write_what_is_not_json(tmp_path):
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json(tmp_path / "metrics.json", {"loss": math.nan})
+    assert names(tmp_path) == []
 
 
 def test_write_json_round_trips_in_the_order_given(tmp_path):

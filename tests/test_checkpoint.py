@@ -4,6 +4,9 @@ it (or refusing to) through run() on tiny data."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -157,7 +160,11 @@ def test_a_checkpoint_that_does_not_fit_is_exit_2_and_overwrite_starts_over(
 def test_temporaries_left_by_a_killed_write_are_cleared_by_the_next_one(tiny, tiny_config):
     cut_short_after_one_epoch(tiny_config, tiny)
     checkpoints = tiny_config.checkpoint_path.parent
-    left = checkpoints / ".latest.npz.k1lled" / "latest.npz"  # as kill -9 mid-write leaves it
+    # As kill -9 mid-write leaves it: named for its writer, a process now gone.
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    owner = f"{socket.gethostname()}.{killed.stdout.strip()}.k1lled"
+    left = checkpoints / f".latest.npz.{owner}" / "latest.npz"
     left.parent.mkdir()
     left.write_bytes(b"half a checkpoint")
     run(tiny_config, datasets=tiny)

@@ -327,6 +327,12 @@ def test_multi_worker_cluster_matches_the_service(monkeypatch):
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+@pytest.mark.parametrize("name", JOB_FILES)
+def test_a_replacement_pod_waits_for_the_one_it_replaces(name):
+    # Else it could start while the old pod still writes the same volume.
+    assert job_of(name)["spec"]["podReplacementPolicy"] == "Failed"
+
+
 def test_multi_worker_failures_restart_the_group_not_loop():
     spec = job_of("multi-worker.yaml")["spec"]
     # One index out of retries fails the Job at once: the others cannot

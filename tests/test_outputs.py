@@ -152,10 +152,24 @@ def test_overwrite_removes_the_old_model_once_training_starts(tiny, tiny_config,
     assert not tiny_config.model_path.exists() and not tiny_config.saved_model_path.exists()
 
 
-def test_check_output_dirs_creates_no_default_dir_inside_the_output_dir(tiny_config):
-    outputs.check_output_dirs(tiny_config)
-    assert tiny_config.output_dir.is_dir()
-    assert list(tiny_config.output_dir.iterdir()) == []  # checkpoints/, tensorboard/: made later
+def test_a_claimed_output_dir_holds_only_its_lock_until_the_run_writes(tiny_config):
+    with outputs.claimed(tiny_config, is_chief=True):
+        # checkpoints/ and tensorboard/ are made when first written.
+        assert [p.name for p in tiny_config.output_dir.iterdir()] == [".mnist-job.lock"]
+        with pytest.raises(ConfigError, match="is in use by process"):
+            run(tiny_config, datasets=None)
+    assert list(tiny_config.output_dir.iterdir()) == []
+
+
+def test_every_worker_refuses_a_finished_run_before_waiting_for_the_others(tiny_config):
+    tiny_config.output_dir.mkdir()
+    tiny_config.metrics_path.write_text("{}")
+    for is_chief in (True, False):
+        with (
+            pytest.raises(ConfigError, match="holds a finished run"),
+            outputs.claimed(tiny_config, is_chief),
+        ):
+            pass
 
 
 def test_metrics_count_only_the_images_this_process_trained():
