@@ -86,8 +86,8 @@ class WorkerLost(JobError):
     exit_code = ExitCode.FAILURE
 
 
-# A full or read-only volume: retrying on the same volume cannot help.
-VOLUME_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# A full, read-only or forbidden volume: retrying on the same volume cannot help.
+VOLUME_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def explain(err: BaseException) -> JobError | None:
@@ -95,11 +95,16 @@ def explain(err: BaseException) -> JobError | None:
     traceback would only bury the cause; None for anything else."""
     tf = sys.modules.get("tensorflow")  # not imported yet: not TensorFlow's error
     tf_exhausted = tf is not None and isinstance(err, tf.errors.ResourceExhaustedError)
-    if tf_exhausted:
-        # TensorFlow's own file writes (the SavedModel's) report a full disk so too.
+    tf_denied = tf is not None and isinstance(err, tf.errors.PermissionDeniedError)
+    if tf_exhausted or tf_denied:
+        # TensorFlow's own file writes (SavedModel, TensorBoard) say "<path>; <strerror>".
         for code in VOLUME_ERRNOS:
-            if os.strerror(code) in str(err):
-                return volume_error(os.strerror(code), " (TensorFlow writing a file)")
+            written = re.search(rf"(\S+); {re.escape(os.strerror(code))}", str(err))
+            if written:
+                where = f" (TensorFlow writing {written_target(written.group(1))})"
+                return volume_error(os.strerror(code), where)
+        if tf_denied:
+            return volume_error(os.strerror(errno.EACCES), " (TensorFlow writing a file)")
     if isinstance(err, MemoryError) or tf_exhausted:
         # TensorFlow's message is a page of kernel and device names; the shape is the news.
         shape = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]", str(err))
@@ -108,8 +113,15 @@ def explain(err: BaseException) -> JobError | None:
             "lower --hidden-units or --batch-size, or give the job more memory"
         )
     if isinstance(err, OSError) and err.errno in VOLUME_ERRNOS:
-        return volume_error(err.strerror, f" writing {err.filename}" if err.filename else "")
+        where = f" writing {written_target(str(err.filename))}" if err.filename else ""
+        return volume_error(err.strerror, where)
     return None
+
+
+def written_target(path: str) -> str:
+    """The file a write was for: `path` without the temporary directory that
+    job.artifacts writes in (`.<name>.<host>.<pid>.<random>/<name>`)."""
+    return re.sub(r"/\.([^/]+)\.[^/]+\.\d+\.[^/.]+/\1(?=/|$)", r"/\1", path)
 
 
 @contextlib.contextmanager

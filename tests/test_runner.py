@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from job import artifacts, checkpoint
 from job.errors import ConfigError, Diverged
 from job.runner import run
+from job.summaries import Summaries
 from tests.conftest import cut_short_after_one_epoch
 from tests.events import image_tags, scalars
 
@@ -181,3 +185,77 @@ def test_divergence_leaves_the_last_checkpoint_as_it_was(
     monkeypatch.undo()
     resumed = run(tiny_config, datasets=tiny)
     assert resumed.metrics["resumed_from"] == {"epoch": 1, "step": 0}
+
+
+def _denied_checkpoint(monkeypatch, config):
+    def savez(file, **arrays):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), file.name)
+
+    monkeypatch.setattr(checkpoint.np, "savez", savez)
+    return "Permission denied writing", config.checkpoint_path
+
+
+def _read_only_tensorboard(monkeypatch, config):
+    events = config.tensorboard_path / "train" / "events.out.tfevents.1.host.2.v2"
+
+    def flush(self):
+        raise tf.errors.PermissionDeniedError(None, None, f"{events}; Read-only file system")
+
+    monkeypatch.setattr(Summaries, "flush", flush)
+    return "Read-only file system (TensorFlow writing", events
+
+
+def _read_only_saved_model(monkeypatch, config):
+    def export(model, path, **kwargs):
+        raise tf.errors.PermissionDeniedError(None, None, f"{path}; Read-only file system")
+
+    monkeypatch.setattr(keras.Model, "export", export)
+    return "Read-only file system (TensorFlow writing", config.saved_model_path
+
+
+def _read_only_png(monkeypatch, config):
+    real = artifacts.write_bytes
+
+    def write_bytes(target, data):
+        if target.suffix == ".png":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+        real(target, data)
+
+    monkeypatch.setattr(artifacts, "write_bytes", write_bytes)
+    return "Read-only file system writing", config.output_dir / "predictions.png"
+
+
+def _forbidden_metrics(monkeypatch, config):
+    def write_json(target, obj):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(target))
+
+    monkeypatch.setattr(artifacts, "write_json", write_json)
+    return "Operation not permitted writing", config.metrics_path
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        _denied_checkpoint,
+        _read_only_tensorboard,
+        _read_only_saved_model,
+        _read_only_png,
+        _forbidden_metrics,
+    ],
+    ids=["checkpoint", "tensorboard", "saved_model", "png", "metrics"],
+)
+def test_a_volume_that_turns_unwritable_mid_run_is_one_line_exit_2(
+    tiny, tiny_config, monkeypatch, fail
+):
+    cut_short_after_one_epoch(tiny_config, tiny)
+    before = tiny_config.checkpoint_path.read_bytes()
+    reason, target = fail(monkeypatch, tiny_config)
+    with pytest.raises(ConfigError) as err:
+        run(tiny_config, datasets=tiny)
+    message = str(err.value)
+    assert err.value.exit_code == 2  # Kubernetes fails the Job rather than retry
+    assert message.startswith(f"{reason} {target}") and "\n" not in message, message
+    assert "written before are intact" in message
+    assert not tiny_config.metrics_path.exists()
+    if fail is _denied_checkpoint:  # the epoch-1 checkpoint is still the one on disk
+        assert tiny_config.checkpoint_path.read_bytes() == before
