@@ -102,7 +102,7 @@ def figures(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -
 def evaluate(model_path: Path, data_dir: Path, output_dir: Path, datasets=None):
     """Evaluate the model at `model_path` (a model.keras or an output dir) on
     the test set; write both figures to `output_dir`. Returns (Report, paths)."""
-    from job import artifacts
+    from job import artifacts, dirlock
     from job.model import load_model
 
     model = load_model(model_path)
@@ -115,9 +115,11 @@ def evaluate(model_path: Path, data_dir: Path, output_dir: Path, datasets=None):
     probabilities = np.asarray(model.predict(images / np.float32(255), batch_size=1000, verbose=0))
     result = report(labels, probabilities)
     paths = {}
-    for name, png in figures(images, labels, probabilities).items():
-        paths[name] = output_dir / f"{name}.png"
-        artifacts.write_bytes(paths[name], png)
+    # Not into a dir a training run holds: it writes figures of these names too.
+    with dirlock.held(output_dir):
+        for name, png in figures(images, labels, probabilities).items():
+            paths[name] = output_dir / f"{name}.png"
+            artifacts.write_bytes(paths[name], png)
     log.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
     return result, paths
 

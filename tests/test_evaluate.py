@@ -54,6 +54,19 @@ def test_numbers_match_keras_evaluate(finished_run, tiny, tmp_path):
         assert found.recall[digit] == pytest.approx(hits / np.sum(tiny.y_test == digit))
 
 
+def test_evaluate_will_not_write_into_a_dir_a_training_run_holds(finished_run, tiny, tmp_path):
+    from job import dirlock
+
+    config, _ = finished_run
+    held = tmp_path / "training"
+    held.mkdir()
+    with dirlock.held(held):
+        with pytest.raises(ConfigError, match="is in use by process") as err:
+            evaluate(config.output_dir, None, held, datasets=tiny)
+        assert list(held.iterdir()) == [held / dirlock.LOCK_NAME]  # no figure written
+    assert err.value.exit_code == 2
+
+
 def test_report_counts_and_undefined_precision():
     labels = np.array([0, 0, 1, 2])
     probabilities = np.full((4, 10), 0.01)
