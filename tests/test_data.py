@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,80 @@ def test_corrupt_cache_is_detected_and_fetched_again(corrupt, data_dir, mnist, s
     assert data.verify(data_dir, source=source) == path
     assert_same(mnist, data.load(data_dir, source=source))
     assert leftovers(data_dir) == ["mnist.npz"]
+
+
+def test_a_header_is_checked_before_its_array_is_read(data_dir, mnist, source, monkeypatch):
+    data_dir.mkdir()
+    write_npz(data_dir / "mnist.npz", mnist)
+    monkeypatch.setattr(data, "read_array", None)  # reading any array would crash
+    source = dataclasses.replace(source, max_rows=(19, 10))
+    expected = r"x_train is uint8 \(20, 28, 28\), expected uint8 \(19, 28, 28\) or fewer rows"
+    with pytest.raises(DataError, match=expected):
+        data.verify(data_dir, source=source)
+
+
+def deflated_zeros_npz(path: Path, head: bytes, n_zeros: int) -> Path:
+    """mnist.npz whose x_train.npy is `head`, then `n_zeros` zero bytes deflated (1.96 GB of
+    them take 2 MB) in chunks that, after each full flush, zlib compresses to the same bytes."""
+    chunk = bytes(784 * 10_000)
+    count, crc = n_zeros // len(chunk), zlib.crc32(head)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate, as zip members hold
+    body = deflate.compress(head) + deflate.flush(zlib.Z_FULL_FLUSH)
+    body += (deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)) * count + deflate.flush()
+    for _ in range(count):
+        crc = zlib.crc32(chunk, crc)
+    sizes = (crc, len(body), len(head) + count * len(chunk), len("x_train.npy"), 0)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, *sizes) + b"x_train.npy"
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, *sizes,
+                          0, 0, 0, 0, 0) + b"x_train.npy"  # fmt: skip
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + len(body), 0)
+    path.write_bytes(local + body + central + end)
+    with zipfile.ZipFile(path, "a") as z:  # the other three arrays, as MNIST has them
+        for key, shape in (
+            ("y_train", (60000,)),
+            ("x_test", (10000, 28, 28)),
+            ("y_test", (10000,)),
+        ):
+            buffer = io.BytesIO()
+            np.save(buffer, np.zeros(shape, np.uint8))
+            z.writestr(f"{key}.npy", buffer.getvalue())
+    return path
+
+
+def _huge_shape() -> bytes:
+    header = io.BytesIO()
+    shape = (2_500_000, 28, 28)
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue()
+
+
+def _huge_header() -> bytes:
+    return np.lib.format.magic(2, 0) + struct.pack("<I", 2_500_000 * 784)
+
+
+def peak_rss_mb(*args: str) -> tuple[int, str, float]:
+    """(exit code, stderr, peak RSS in MB) of `python -m job ARGS`: that process's own peak
+    (wait4), not the largest of every child this test session has run."""
+    cmd = [sys.executable, "-m", "job", *args]
+    pipe = subprocess.PIPE
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True) as proc:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stderr = proc.stderr.read()
+    return proc.returncode, stderr, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+@pytest.mark.parametrize("head", [_huge_shape, _huge_header], ids=lambda f: f.__name__.strip("_"))
+def test_a_file_declaring_2_gb_is_refused_without_reading_them(tmp_path, head):
+    # 2 MB on disk, 1.96 GB once inflated: verify took 1.9 GB (shape), 3.8 GB (header) before.
+    deflated_zeros_npz(tmp_path / "mnist.npz", head(), 2_500_000 * 784)
+    code, stderr, peak_mb = peak_rss_mb("data", "verify", "--data-dir", str(tmp_path))
+    assert code == 3, stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("mnist-job: error: MNIST file") and "is corrupt" in line
+    assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB"
 
 
 def test_url_download_with_wrong_hash_is_rejected(data_dir, mnist, source):
