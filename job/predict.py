@@ -5,11 +5,15 @@ a 20x20 box with their aspect ratio kept, and placed in a 28x28 field so that
 their centre of mass is at its centre. A photo or a scan goes through the same
 steps here, so the model sees what it was trained on. Nothing here imports
 TensorFlow; `predict_files` takes a loaded model.
+
+Only the formats in FORMATS are opened: Pillow knows dozens, and some of them
+are risky to hand a stranger's file to (EPS runs Ghostscript).
 """
 
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,15 @@ CENTRE = 14.0  # where MNIST puts the centre of mass (row/column index)
 MAX_SIDE = 1024  # bigger inputs are reduced first: enough for a digit, bounded cost
 DENOISE_FROM = 64  # images this small (MNIST-sized) have strokes a median filter would eat
 MIN_CONTRAST = 0.08  # ink must differ from the paper by this much (of full scale)
+
+# The image formats predict opens (Pillow's names), and how messages list them.
+# docs/using-the-model.md and `mnist-job predict --help` list the same ones.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+EXPECTED = "PNG, JPEG, BMP, GIF, TIFF or WebP expected"
+
+# Bidirectional embeddings, overrides and isolates: they reorder what a
+# terminal shows, so a name could display as something it is not.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class BadImage(Exception):
@@ -47,17 +60,35 @@ class Prediction:
 
     def line(self) -> str:
         top = ", ".join(f"{d} {p:.1%}" for d, p in self.top3)
-        return f"{self.file}: {self.digit} ({self.probability:.1%})  top-3: {top}"
+        return f"{printable(self.file)}: {self.digit} ({self.probability:.1%})  top-3: {top}"
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped as Python writes them
+    (`\\n`, `\\t`, `\\x1b`, `\\u202e`), so a file name prints on one line and
+    cannot forge another line or move the cursor; other characters (accents,
+    CJK, emoji) are left as they are. Names that were not valid UTF-8 (lone
+    surrogates here) are escaped too, rather than failing to print."""
+    return "".join(
+        repr(c)[1:-1]
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
+        else c
+        for c in text
+    )
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (so a truncated file fails here), upright."""
+    """Open and fully decode an image (so a truncated file fails here), upright.
+
+    Only FORMATS are tried; a file in any other format is refused before any
+    of its data is decoded.
+    """
     try:
         if path.is_dir():
-            raise BadImage("is a directory")
+            raise BadImage("is a directory (give the image files in it, e.g. DIR/*.png)")
         if path.stat().st_size == 0:
             raise BadImage("empty file")
-        with Image.open(path) as image:
+        with Image.open(path, formats=FORMATS) as image:
             image.load()
             # Phone photos are often stored sideways with an EXIF rotation tag.
             return ImageOps.exif_transpose(image)
@@ -66,12 +97,31 @@ def read_image(path: Path) -> Image.Image:
     except PermissionError:
         raise BadImage("permission denied") from None
     except UnidentifiedImageError:
-        raise BadImage("not an image that can be read (PNG, JPEG or BMP expected)") from None
+        other = _other_format(path)
+        if other:
+            raise BadImage(f"unsupported format {other} ({EXPECTED})") from None
+        raise BadImage(f"not an image that can be read ({EXPECTED})") from None
     except Image.DecompressionBombError as err:
         raise BadImage(f"too large: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0] or type(err).__name__
         raise BadImage(f"unreadable or truncated: {reason}") from None
+
+
+def _other_format(path: Path) -> str | None:
+    """The format, outside FORMATS, that Pillow would take the file for, judged
+    by its first bytes only (as Image.open does before it picks a decoder)."""
+    try:
+        with path.open("rb") as file:
+            prefix = file.read(16)
+    except OSError:
+        return None
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if name not in FORMATS and accept is not None and accept(prefix):
+            return name
+    return None
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
@@ -240,4 +290,4 @@ def _save_preprocessed(save_dir: Path, paths: list[Path], images: list[np.ndarra
         used.add(name)
         with artifacts.atomic_path(save_dir / name) as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
-    log.info("Wrote %d preprocessed 28x28 image(s) to %s", len(images), save_dir)
+    log.info("Wrote %d preprocessed 28x28 image(s) to %s", len(images), printable(str(save_dir)))

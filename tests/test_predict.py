@@ -4,20 +4,21 @@ mode and file format, prepared as MNIST was; unreadable files fail alone."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
 from job.config import TrainConfig
 from job.data import Mnist
 from job.model import load_model
-from job.predict import BadImage, predict_files, preprocess, read_image
+from job.predict import FORMATS, BadImage, predict_files, preprocess, printable, read_image
 from job.runner import run
 from tests.conftest import error_lines, run_job
 from tests.digits import dataset, render
 
-FORMATS = ("PNG", "JPEG", "BMP")
+EPS = "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n"
 
 
 def preprocessed(pairs) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +175,76 @@ def test_all_good_files_exit_0(model_dir, mixed_files):
     result = run_job("predict", "--model", str(model_dir), *map(str, good))
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 2
+
+
+def test_only_the_documented_formats_are_opened(tmp_path, monkeypatch):
+    """EPS is decoded by running Ghostscript: predict refuses it (whatever the
+    file is called) before anything runs, as it refuses every format not listed."""
+    started = []
+
+    def no_subprocess(*args, **kwargs):
+        started.append(args)
+        raise AssertionError(f"predict started a program: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as if it were installed
+    for name in ("figure.eps", "digit.png"):
+        (tmp_path / name).write_text(EPS)
+        with pytest.raises(BadImage, match=r"^unsupported format EPS \(PNG, JPEG, BMP, GIF"):
+            read_image(tmp_path / name)
+    assert started == []
+
+    ppm = tmp_path / "digit.ppm"  # a format Pillow reads, but not a documented one
+    render(1, np.random.default_rng(1), dark_ink=True).save(ppm, format="PPM")
+    with pytest.raises(BadImage, match=r"^unsupported format PPM"):
+        read_image(ppm)
+
+
+def test_control_characters_in_names_are_escaped_and_the_rest_kept():
+    assert printable("a\nb\tc\x1bd\u202ee\x85f\u2028g\udcff") == (
+        "a\\nb\\tc\\x1bd\\u202ee\\x85f\\u2028g\\udcff"
+    )
+    assert printable("Ziffer sieben, é, 七, 7️⃣, \\n") == "Ziffer sieben, é, 七, 7️⃣, \\n"
+
+
+def test_a_name_cannot_forge_a_line_in_text_output(model_dir, tmp_path):
+    forged = "forged.png: 1 (99.9%)  top-3: 1 99.9%, 2 0.1%, 3 0.0%"
+    good = tmp_path / f"seven.png\n{forged}"
+    render(7, np.random.default_rng(7), dark_ink=True).save(good, format="PNG")
+    readable = tmp_path / "sieben-七.png"
+    readable.write_bytes(good.read_bytes())
+    eps = tmp_path / "figure.eps"
+    eps.write_text(EPS)
+    missing = tmp_path / "typo\x1b[2K\rmnist-job: error: forged.png\n.png"
+    files = [str(p) for p in (good, eps, missing, readable)]
+    result = run_job("predict", "--model", str(model_dir), *files)
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, lines  # one per classified file, whatever their names
+    assert lines[0].startswith(f"{tmp_path}/seven.png\\n{forged}: 7 (")
+    assert lines[1].startswith(f"{readable}: 7 (")
+    errors = error_lines(result.stderr)
+    assert errors == [
+        f"mnist-job: error: {eps}: unsupported format EPS (PNG, JPEG, BMP, GIF, TIFF or WebP"
+        " expected)",
+        f"mnist-job: error: {tmp_path}/typo\\x1b[2K\\rmnist-job: error: forged.png\\n.png:"
+        " no such file",
+        "mnist-job: error: 2 of 4 images could not be read",
+    ], result.stderr
+    assert "\x1b" not in result.stderr and "forged.png\n" not in result.stderr
+    # Only the text is escaped: predict_files and --json keep the names as they are.
+    assert predict_files(load_model(model_dir), [good])[0].file == str(good)
+
+
+def test_a_directory_is_one_error_line_exit_3(model_dir, tmp_path):
+    result = run_job("predict", "--model", str(model_dir), str(tmp_path))
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    hint = "give the image files in it, e.g. DIR/*.png"
+    assert error_lines(result.stderr) == [
+        f"mnist-job: error: {tmp_path}: is a directory ({hint})"
+    ], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
