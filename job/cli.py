@@ -89,17 +89,19 @@ def train(verbose, sagemaker_model_dir, **options) -> None:
 def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) -> None:
     """Classify handwritten digits in image files, one digit per image.
 
-    PNG, JPEG or BMP of any size, grey or colour, dark ink on light paper or
-    light on dark, the digit anywhere: each image is prepared as MNIST was
-    (white on black, cropped to the ink, scaled into 20x20, centred by mass in
-    28x28). Prints one line per file: digit, probability, top 3.
+    PNG, JPEG, BMP, GIF, TIFF or WebP of any size, grey or colour, dark ink on
+    light paper or light on dark, the digit anywhere: each image is prepared as
+    MNIST was (white on black, cropped to the ink, scaled into 20x20, centred
+    by mass in 28x28). Prints one line per file: digit, probability, top 3.
+    Control characters in file names are shown escaped (\\n); --json has the
+    names as they are.
 
-    A file that cannot be read gets a one-line error; the others are still
-    classified, and the exit code is then 3.
+    A file that cannot be read, or is in another format, gets a one-line
+    error; the others are still classified, and the exit code is then 3.
     """
     from job import artifacts, collector
     from job.model import load_model
-    from job.predict import BadImage, predict_files
+    from job.predict import BadImage, predict_files, printable
 
     _configure_logging(1, "text")
     if save_preprocessed is not None:
@@ -108,7 +110,7 @@ def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) 
         results = predict_files(load_model(model), list(images), save_preprocessed)
     failed = [r for r in results if isinstance(r, BadImage)]
     for result in failed:
-        click.echo(f"mnist-job: error: {result}", err=True)
+        click.echo(f"mnist-job: error: {printable(str(result))}", err=True)
     if as_json:
         entries = [
             {"file": str(path), "error": str(r).removeprefix(f"{path}: ")}
@@ -121,6 +123,10 @@ def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) 
         for result in results:
             if not isinstance(result, BadImage):
                 click.echo(result.line())
+    if failed and len(results) == 1:
+        # Its error line says it all; "1 of 1 images could not be read" would
+        # only repeat it.
+        click.get_current_context().exit(ExitCode.DATA)
     if failed:
         raise DataError(f"{len(failed)} of {len(results)} images could not be read")
 
