@@ -99,14 +99,19 @@ def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) 
     A file that cannot be read, or is in another format, gets a one-line
     error; the others are still classified, and the exit code is then 3.
     """
-    from job import artifacts, collector
+    from contextlib import nullcontext
+
+    from job import artifacts, collector, dirlock
     from job.model import load_model
     from job.predict import BadImage, predict_files, printable
 
     _configure_logging(1, "text")
+    holding = nullcontext()
     if save_preprocessed is not None:
         artifacts.ensure_writable_dir(save_preprocessed, "--save-preprocessed dir")
-    with collector.paused():
+        # Not into a dir a training run holds: its files could share names.
+        holding = dirlock.held(save_preprocessed, "--save-preprocessed dir")
+    with holding, collector.paused():
         results = predict_files(load_model(model), list(images), save_preprocessed)
     failed = [r for r in results if isinstance(r, BadImage)]
     for result in failed:
