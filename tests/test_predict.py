@@ -170,6 +170,23 @@ def test_cli_prints_good_files_and_one_error_line_per_bad_file(model_dir, mixed_
             assert image.size == (28, 28) and image.mode == "L"
 
 
+def test_save_preprocessed_will_not_write_into_a_dir_a_training_run_holds(
+    model_dir, mixed_files, tmp_path
+):
+    from job import dirlock
+
+    held = tmp_path / "training"
+    held.mkdir()
+    with dirlock.held(held):
+        args = ("--save-preprocessed", str(held), str(mixed_files[0][0]))
+        result = run_job("predict", "--model", str(model_dir), *args)
+        assert sorted(p.name for p in held.iterdir()) == [dirlock.LOCK_NAME]  # nothing written
+    assert result.returncode == 2, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "--save-preprocessed dir" in errors[0], result.stderr
+    assert "is in use by process" in errors[0]
+
+
 def test_all_good_files_exit_0(model_dir, mixed_files):
     good, _ = mixed_files
     result = run_job("predict", "--model", str(model_dir), *map(str, good))
