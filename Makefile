@@ -12,7 +12,7 @@ WORKERS ?= 2
 PYTEST_ARGS ?=
 TENSORBOARD_HOST ?= localhost
 
-.PHONY: help install train train-multiworker test test-fast lint format tensorboard bench clean lock
+.PHONY: help install train train-multiworker test test-fast lint format tensorboard bench bench-memory clean lock
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort \
@@ -51,6 +51,9 @@ tensorboard: $(VENV_STAMP) ## Serve outputs/ on port 6006 of TENSORBOARD_HOST (d
 
 bench: $(VENV_STAMP) ## Benchmark the seed script against mnist-job (writes bench/)
 	$(PY) scripts/bench.py $(ARGS)
+
+bench-memory: $(VENV_STAMP) ## Smallest container memory limit, job vs seed (docker, mnist-job:cpu; bench/memory.json)
+	$(PY) scripts/memory_limit.py $(ARGS)
 
 lock: ## Regenerate requirements/*.txt from pyproject.toml (needs pip-tools)
 	scripts/lock.sh

@@ -155,15 +155,30 @@ def test_memory_limit_runs_with_swap_off_under_the_limit(tmp_path):
 
 def test_memory_limit_table():
     memory_limit = load_script("memory_limit")
+    job_runs = [
+        {"limit_mib": 1024, "exit_code": 0, "seconds": 12.0},
+        {"limit_mib": 416, "exit_code": 137, "seconds": 6.3},
+        {"limit_mib": 448, "exit_code": 0, "seconds": 12.5},
+    ]
+    seed_runs = [{"limit_mib": 2048, "exit_code": 137, "seconds": 9.0}]
     results = {
         "step_mib": 32,
         "targets": {
-            "job": {"bounds_mib": [256, 1024], "completed_mib": 448, "failed_mib": 416},
-            "seed": {"bounds_mib": [512, 2048], "completed_mib": None, "failed_mib": 2048},
+            "job": {
+                "bounds_mib": [256, 1024], "completed_mib": 448, "failed_mib": 416,
+                "runs": job_runs,
+            },
+            "seed": {
+                "bounds_mib": [512, 2048], "completed_mib": None, "failed_mib": 2048,
+                "runs": seed_runs,
+            },
         },
-    }
+    }  # fmt: skip
     lines = memory_limit.table(results).splitlines()
-    assert lines[2:] == ["| mnist-job | 448 MiB | 416 MiB |", "| seed | > 2048 MiB | 2048 MiB |"]
+    assert lines[2:] == [
+        "| mnist-job | 448 MiB | 416 MiB | 12.5 s | 12.0 s (1024 MiB) |",
+        "| seed | > 2048 MiB | 2048 MiB | - | - (2048 MiB) |",
+    ]
     results["targets"]["seed"].update(completed_mib=1280, failed_mib=1248)
     assert memory_limit.table(results).endswith("mnist-job needs 0.35x the seed's memory limit")
 
