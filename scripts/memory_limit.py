@@ -12,8 +12,8 @@ with the seed's defaults (5 epochs, batch 32, all 60k images):
         same image's Python, the repo's scripts/ and MNIST's npz mounted
         read-only.
 
-A run completes when it exits 0; anything else (137 and OOMKilled, mostly)
-is a failure. The limit is bisected over multiples of --step MiB between a
+A run completes when it exits 0 within --timeout; anything else (137 and
+OOMKilled, mostly) is a failure. The limit is bisected over multiples of --step MiB between a
 limit that fails and one that completes (both checked first). Peak RSS
 overstates what a container needs: under its limit, the cgroup reclaims the
 file-backed pages of TensorFlow's libraries and reads them again when needed.
@@ -68,12 +68,26 @@ def docker_run(target: str, limit_mib: int, image: str, name: str, npz: Path | N
     raise ValueError(f"unknown target {target!r}: job or seed")
 
 
-def run_container(command: list[str], name: str) -> dict:
+def run_container(command: list[str], name: str, timeout: float) -> dict:
     """Run it to the end; its exit code, whether the OOM killer ended it, and
-    how long it took. The container is removed afterwards."""
+    how long it took. A run still going after `timeout` seconds (thrashing
+    just above its need, reading its libraries back again and again) is
+    stopped and counts as a failure. The container is removed afterwards."""
     started = time.perf_counter()
+    timed_out = False
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, check=False, timeout=timeout
+            )
+            output = result.stdout + result.stderr
+        except subprocess.TimeoutExpired as expired:
+            timed_out = True
+            subprocess.run([DOCKER, "kill", name], capture_output=True)
+            output = "".join(
+                part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                for part in (expired.stdout, expired.stderr)
+            )
         seconds = time.perf_counter() - started
         state = subprocess.run(
             [DOCKER, "inspect", "--format", "{{.State.OOMKilled}} {{.State.ExitCode}}", name],
@@ -84,13 +98,15 @@ def run_container(command: list[str], name: str) -> dict:
     finally:
         subprocess.run([DOCKER, "rm", "--force", "--volumes", name], capture_output=True)
     if state.returncode:  # never created: no such image, no engine
-        sys.exit(f"memory_limit: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        sys.exit(f"memory_limit: {' '.join(command)} failed:\n{output[-2000:]}")
     oom_killed, exit_code = state.stdout.split()
+    failed = timed_out or int(exit_code) != 0
     return {
-        "exit_code": int(exit_code),
+        "exit_code": int(exit_code) if not timed_out else None,
         "oom_killed": oom_killed == "true",
+        "timed_out": timed_out,
         "seconds": round(seconds, 1),
-        "log_tail": (result.stdout + result.stderr)[-600:] if int(exit_code) else "",
+        "log_tail": output[-600:] if failed else "",
     }
 
 
@@ -120,19 +136,22 @@ def smallest_limit(
 
 
 def measure(target: str, image: str, npz: Path | None, bounds: tuple[int, int],
-            step: int, repeats: int) -> dict:  # fmt: skip
+            step: int, repeats: int, timeout: float) -> dict:  # fmt: skip
     runs: list[dict] = []
 
     def completes(limit_mib: int) -> bool:
         for _ in range(repeats):
             name = f"mnist-job-memory-{target}-{secrets.token_hex(3)}"
             run = {"limit_mib": limit_mib, **run_container(
-                docker_run(target, limit_mib, image, name, npz), name
+                docker_run(target, limit_mib, image, name, npz), name, timeout
             )}  # fmt: skip
             runs.append(run)
-            verdict = "completed" if run["exit_code"] == 0 else (
-                "OOM-killed" if run["oom_killed"] else f"failed (exit {run['exit_code']})"
-            )  # fmt: skip
+            if run["timed_out"]:
+                verdict = f"stopped after {timeout:g} s"
+            elif run["oom_killed"]:
+                verdict = "OOM-killed"
+            else:
+                verdict = "completed" if run["exit_code"] == 0 else f"exit {run['exit_code']}"
             print(f"{NAMES[target]}: {limit_mib} MiB: {verdict} in {run['seconds']} s", flush=True)
             if run["exit_code"] != 0:
                 return False
@@ -150,13 +169,13 @@ def table(results: dict) -> str:
 
     def seconds(runs: list[dict], limit: int | None) -> str:
         took = [
-            run["seconds"] for run in runs if run["limit_mib"] == limit and not run["exit_code"]
+            run["seconds"] for run in runs if run["limit_mib"] == limit and run["exit_code"] == 0
         ]
         return f"{max(took):.1f} s" if took else "-"
 
     lines = [
-        f"| `docker run --memory M --memory-swap M`, seed defaults | completes at "
-        f"| fails at ({results['step_mib']} MiB less) | run time there | with the most memory |",
+        f"| `docker run --memory M --memory-swap M`, seed defaults, {results['step_mib']} MiB "
+        "steps | completes at | fails at | run time there | with the most memory |",
         "|---|---:|---:|---:|---:|",
     ]
     for target, measured in results["targets"].items():
@@ -180,6 +199,9 @@ def main() -> int:
     parser.add_argument("--step", type=int, default=STEP_MIB, help="MiB [default: 32]")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per limit, all must complete [default: 1]")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds a run may take before it counts as failed "
+                        "[default: 600]")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=None, help="where MNIST's npz is")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "memory.json")
     for target, (low, high) in BOUNDS.items():
@@ -214,7 +236,7 @@ def main() -> int:
     }
     for target in targets:
         bounds = tuple(getattr(args, f"{target}_bounds"))
-        measured = measure(target, args.image, npz, bounds, args.step, args.repeats)
+        measured = measure(target, args.image, npz, bounds, args.step, args.repeats, args.timeout)
         results["targets"][target] = {"bounds_mib": list(bounds), **measured}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
