@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 TENSORBOARD_HOST ?= localhost
 TENSORBOARD_PORT ?= 6006
 
-.PHONY: help install train train-multiworker test test-fast lint format tensorboard bench clean lock
+.PHONY: help install train train-multiworker test test-fast lint format tensorboard bench bench-memory clean lock
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort \
@@ -52,6 +52,9 @@ tensorboard: $(VENV_STAMP) ## Serve OUTPUT_DIR's logs on TENSORBOARD_HOST:TENSOR
 
 bench: $(VENV_STAMP) ## Benchmark the seed script against mnist-job (writes bench/)
 	$(PY) scripts/bench.py $(ARGS)
+
+bench-memory: $(VENV_STAMP) ## Smallest container memory limit, job vs seed (docker, mnist-job:cpu; bench/memory.json)
+	$(PY) scripts/memory_limit.py $(ARGS)
 
 lock: ## Regenerate requirements/*.txt from pyproject.toml (needs pip-tools)
 	scripts/lock.sh

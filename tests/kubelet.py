@@ -6,8 +6,10 @@ command/args and env (with `$(VAR)` expansion and what Kubernetes injects:
 the pod hostname, JOB_COMPLETION_INDEX of an Indexed Job), the user and groups
 of the securityContext (fsGroup as a supplementary group owning the volumes),
 a read-only root filesystem, no new privileges, dropped capabilities, the CPU
-and memory limits, `emptyDir` volumes as tmpfs mounts and each
-PersistentVolumeClaim as a host directory. Pods of an Indexed Job with a
+and memory limits (the memory limit with swap off, as a kubelet runs pods),
+`emptyDir` volumes as tmpfs mounts (what they hold counts against the memory
+limit here, as it would with `medium: Memory`) and each PersistentVolumeClaim
+as a host directory. Pods of an Indexed Job with a
 `subdomain` join a user-defined docker network under the DNS name
 `<hostname>.<subdomain>`, as a headless Service names them.
 
@@ -279,7 +281,10 @@ def pod(
     if "cpu" in limits:
         args += ["--cpus", f"{cpu_cores(limits['cpu']):g}"]
     if "memory" in limits:
-        args += ["--memory", str(memory_bytes(limits["memory"]))]
+        # A kubelet runs containers without swap: memory+swap == memory. Docker
+        # alone would allow as much swap again on a host that has some.
+        memory = str(memory_bytes(limits["memory"]))
+        args += ["--memory", memory, "--memory-swap", memory]
     if "nvidia.com/gpu" in limits and os.environ.get("KUBELET_GPUS"):
         # Only where the host has GPUs and says so: on a node without them the
         # pod would not be scheduled, and the tests check what the job does
