@@ -11,8 +11,10 @@ resumes only a checkpoint whose fingerprint and arrays fit the run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import shutil
 import zipfile
 import zlib
@@ -46,6 +48,12 @@ class TrainState:
         return self.epoch * self.steps_per_epoch + self.step
 
 
+# A history record's keys (loop.epoch_record); metrics.json copies the records as they are.
+RECORD_KEYS = frozenset(
+    ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second")
+)
+
+
 def save(path: Path, weights: list, optimizer_variables: list, state: TrainState) -> None:
     arrays = {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)}
     arrays |= {f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer_variables)}
@@ -58,37 +66,61 @@ def save(path: Path, weights: list, optimizer_variables: list, state: TrainState
 def load(path: Path) -> tuple[list, list, TrainState] | None:
     """The checkpoint at `path`, or None if there is none.
 
-    A corrupt one is a ConfigError (exit 2: a retry would read the same bytes),
-    which --overwrite turns into a fresh start; a failed read (an I/O error on
-    a network volume) is a JobError (exit 1: worth a retry).
+    A corrupt one (a directory or a symlink loop too) is a ConfigError (exit 2:
+    a retry would read the same bytes), which --overwrite turns into a fresh
+    start; a failed read (an I/O error on a network volume) is a JobError
+    (exit 1: worth a retry).
     """
-    if not path.exists():
-        return None
     try:
         with open(path, "rb") as f:  # an I/O error stays one (below), unlike in is_zipfile
             if f.read(4) != b"PK\x03\x04":  # np.load would try anything else as a pickle
                 raise ValueError("not an .npz archive")
-        with np.load(path, allow_pickle=False) as npz:
-            state = TrainState(**json.loads(str(npz["state"])))
-            weights = _numbered(npz, "weight_")
-            optimizer_variables = _numbered(npz, "optimizer_")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as npz:
+                state = TrainState(**json.loads(str(npz["state"])))
+                weights = _numbered(npz, "weight_")
+                optimizer_variables = _numbered(npz, "optimizer_")
         _check_state(state)
+    except (FileNotFoundError, NotADirectoryError):  # as Path.exists() says: none
+        return None
     except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise _corrupt(path, err) from None
     except OSError as err:
+        if isinstance(err, IsADirectoryError) or err.errno == errno.ELOOP:
+            raise _corrupt(path, err.strerror) from None
         raise JobError(f"checkpoint {path} could not be read ({err})") from None
     return weights, optimizer_variables, state
 
 
 def _check_state(state: TrainState) -> None:
+    """Refuse what would crash the loop or reach metrics.json as anything but
+    finite numbers (NaN is not JSON)."""
     counters = (state.epoch, state.step, state.steps_per_epoch)
-    if not all(type(n) is int and n >= 0 for n in counters) or state.step > state.steps_per_epoch:
-        raise ValueError(f"bad counters: epoch {state.epoch!r}, step {state.step!r}")
+    whole = all(type(n) is int and n >= 0 for n in counters)
+    if not whole or state.steps_per_epoch == 0 or state.step > state.steps_per_epoch:
+        raise ValueError(
+            f"bad counters: epoch {state.epoch!r}, step {state.step!r} of {state.steps_per_epoch!r}"
+        )
     sums = (state.loss_sum, state.correct, state.seconds)
-    if not all(type(x) in (int, float) for x in sums):
+    if not all(_finite(x) and x >= 0 for x in sums):
         raise ValueError(f"bad running sums: {sums!r}")
-    if not isinstance(state.history, list) or not isinstance(state.fingerprint, dict):
-        raise ValueError("bad history or fingerprint")
+    if not isinstance(state.fingerprint, dict):
+        raise ValueError("bad fingerprint")
+    if not isinstance(state.history, list) or len(state.history) != state.epoch:
+        raise ValueError(f"bad history: not one record for each of {state.epoch} epochs")
+    for epoch, record in enumerate(state.history, 1):
+        if not (
+            isinstance(record, dict)
+            and set(record) == RECORD_KEYS
+            and all(_finite(value) for value in record.values())
+            and type(record["epoch"]) is int
+            and record["epoch"] == epoch
+        ):
+            raise ValueError(f"bad history record for epoch {epoch}: {record!r:.100}")
+
+
+def _finite(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
 
 
 def check_fits(weights, model_weights, optimizer_values, optimizer_variables, path: Path) -> None:
@@ -101,11 +133,14 @@ def check_fits(weights, model_weights, optimizer_values, optimizer_variables, pa
         if len(saved) != len(variables):
             raise _corrupt(path, f"{len(saved)} {what} arrays, the model has {len(variables)}")
         for i, (array, variable) in enumerate(zip(saved, variables, strict=True)):
-            if tuple(np.shape(array)) != tuple(variable.shape):
-                raise _corrupt(
-                    path,
-                    f"{what} {i} has shape {np.shape(array)}, the model's {tuple(variable.shape)}",
-                )
+            array, shape = np.asarray(array), tuple(variable.shape)
+            dtype = getattr(variable.dtype, "name", variable.dtype)  # Keras: a str; TF: a DType
+            if array.shape != shape:
+                raise _corrupt(path, f"{what} {i} has shape {array.shape}, the model's {shape}")
+            if array.dtype.name != dtype:
+                raise _corrupt(path, f"{what} {i} has dtype {array.dtype}, the model's {dtype}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise _corrupt(path, f"{what} {i} is not finite")
 
 
 def _corrupt(path: Path, reason) -> ConfigError:
@@ -159,6 +194,8 @@ def restore(
             return TrainState(steps_per_epoch=steps_per_epoch, fingerprint=expected)
         weights, optimizer_values, state = saved
         check_compatible(state, expected, path)
+        if state.steps_per_epoch != steps_per_epoch:  # same batch size and data: same steps
+            raise _corrupt(path, f"{state.steps_per_epoch} steps per epoch, not {steps_per_epoch}")
         check_fits(weights, model.weights, optimizer_values, optimizer.variables, path)
         if state.global_step > config.epochs * steps_per_epoch:
             raise ConfigError(
