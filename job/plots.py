@@ -7,6 +7,7 @@ import io
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 PANELS_PER_ROW = 10
 
@@ -46,7 +47,12 @@ def confusion_matrix(confusion: np.ndarray, accuracy: float) -> bytes:
     ax = fig.add_subplot()
     rows = confusion.sum(axis=1, keepdims=True)
     shares = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
-    shown = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    # Ten by ten cells as quads, not an image: imshow would resample it to the
+    # figure's pixels through a float64 copy (~10 MB at the run's memory peak).
+    edges = np.arange(confusion.shape[0] + 1) - 0.5
+    shown = ax.pcolormesh(edges, edges, shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()  # true digit 0 at the top, as a matrix is read
     fig.colorbar(shown, ax=ax, label="share of the true digit")
     for (true, predicted), count in np.ndenumerate(confusion):
         colour = "white" if shares[true, predicted] > 0.5 else "black"
@@ -73,13 +79,16 @@ def misclassified_gallery(
     """
     columns, side, gap, caption = GALLERY_COLUMNS, 28, 4, 14  # in image pixels
     cell_w, cell_h = side + gap, side + gap + caption
-    mosaic = np.full((columns * cell_h, columns * cell_w), np.nan)
+    mosaic = np.zeros((columns * cell_h, columns * cell_w), np.uint8)
+    drawn = np.zeros(mosaic.shape, bool)  # the digits' pixels; the rest is paper
     fig = Figure(figsize=GALLERY_INCHES)
     ax = fig.add_axes((0.01, 0.0, 0.98, 0.94))
+    ax.set(xlim=(0, mosaic.shape[1]), ylim=(mosaic.shape[0], 0), aspect="equal")
     ax.axis("off")
     for i in range(min(len(images), columns * columns)):
         top, left = (i // columns) * cell_h + caption, (i % columns) * cell_w + gap // 2
         mosaic[top : top + side, left : left + side] = images[i]
+        drawn[top : top + side, left : left + side] = True
         ax.text(
             left + side / 2,
             top - 1,
@@ -88,7 +97,26 @@ def misclassified_gallery(
             va="bottom",
             fontsize=10,
         )
-    ax.imshow(np.ma.masked_invalid(mosaic), cmap="gray", vmin=0, vmax=255)
     shown = f", the {len(images)} most confident" if total else ""
     fig.suptitle(f"Misclassified: {total}{shown}")
-    return to_png(fig)
+    return _with_image(fig, ax, mosaic, drawn)
+
+
+def _with_image(fig: Figure, ax, image: np.ndarray, drawn: np.ndarray) -> bytes:
+    """The figure as PNG, with the grey `image` (where `drawn`) filling `ax`.
+
+    Pasted into the rendered figure rather than drawn by imshow, whose
+    resampling to the figure's 800x1100 pixels holds a float64 copy of them
+    (~30 MB): that was the training run's peak of memory.
+    """
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    figure = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
+    box = ax.get_window_extent()  # pixels from the bottom left, after the aspect
+    size = (round(box.width), round(box.height))
+    scaled = Image.fromarray(image).resize(size, Image.Resampling.NEAREST).convert("RGBA")
+    mask = Image.fromarray(drawn).resize(size, Image.Resampling.NEAREST)
+    figure.paste(scaled, (round(box.x0), figure.height - round(box.y1)), mask)
+    buffer = io.BytesIO()
+    figure.save(buffer, format="PNG")
+    return buffer.getvalue()
