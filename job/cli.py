@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -217,12 +216,15 @@ def verify(data_dir: Path | None) -> None:
 
 
 def _configure_logging(verbosity: int, log_format: str) -> None:
+    from job import native_log
     from job.logs import configure
 
+    # Before TensorFlow loads, so that its C++ lines are filtered from the first.
+    native_log.start(verbosity, log_format)
     configure(verbosity, log_format)
     if verbosity < 2:
         # TensorFlow's C++ start-up chatter (CPU features, XLA's service) is
-        # noise here. Its oneDNN notice is printed whatever this says (2.21).
+        # noise here; native_log hides the lines that ignore this (2.21).
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -232,26 +234,32 @@ def _exit_without_teardown() -> None:
     and closed: what is left to flush is the kernel's, not this process's.
     Multi-worker runs exit normally instead, so that TensorFlow's coordination
     service between the workers shuts down in order."""
+    from job import native_log
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    native_log.stop()  # os._exit skips atexit: TensorFlow's last lines first
     os._exit(ExitCode.OK)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; expected failures print one line and exit with their code."""
+    """Run the CLI; expected failures print one line and exit with their code
+    (a JSON record when the log is JSON: every stderr line then parses)."""
+    from job.logs import print_error
+
     try:
         code = cli.main(args=argv, prog_name="mnist-job", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("mnist-job: interrupted; rerun train to resume from its checkpoint", err=True)
+        print_error("mnist-job: interrupted; rerun train to resume from its checkpoint")
         code = ExitCode.INTERRUPTED
     except click.ClickException as err:
-        click.echo(f"mnist-job: error: {err.format_message()}", err=True)
+        print_error(f"mnist-job: error: {err.format_message()}")
         code = ExitCode.USAGE
     except JobError as err:
-        click.echo(f"mnist-job: error: {err}", err=True)
+        print_error(f"mnist-job: error: {err}")
         code = err.exit_code
-    except Exception:
-        traceback.print_exc()
+    except Exception as err:
+        print_error(None, err)
         code = ExitCode.FAILURE
     sys.exit(int(code or 0))

@@ -23,6 +23,7 @@ import logging
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -56,6 +57,18 @@ def configure(verbosity: int, log_format: str, stream=None) -> logging.Handler:
     logging.getLogger("tensorflow").setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
     logging.captureWarnings(True)  # Python warnings too, in the same format
     return handler
+
+
+def print_error(message: str | None, exc: BaseException | None = None) -> None:
+    """The CLI's last words on stderr: `exc`'s traceback and `message` as plain
+    lines or, where the log is JSON, as one JSON record (level ERROR)."""
+    if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        logging.getLogger("job").error(message or "unexpected error", exc_info=exc)
+        return
+    if exc is not None:
+        traceback.print_exception(exc)
+    if message:
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

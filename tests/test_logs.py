@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from job import logs
-from tests.conftest import ROOT, run_tiny_job
+from tests.conftest import ROOT, run_job, run_tiny_job
 
-# What TensorFlow's C++ runtime prints on stderr before Python logging exists
-# (TF_CPP_MIN_LOG_LEVEL does not silence the oneDNN notice in TF 2.21).
+# What TensorFlow's C++ runtime prints on stderr, whatever TF_CPP_MIN_LOG_LEVEL
+# says (TF 2.21): shown with --verbose only (job/native_log.py).
 TF_RUNTIME_LINE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
     r"STDERR|[IWEF]\d{4} .*)$"
@@ -127,12 +127,7 @@ def test_train_json_logs_parse(tmp_path):
     result = run_tiny_job("train", "--epochs", "2", "--checkpoint-every", "4", "--output-dir",
                           str(tmp_path / "out"), "--log-format", "json")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    records = []
-    for line in result.stderr.splitlines():
-        if line.startswith("{"):
-            records.append(json.loads(line))
-        else:
-            assert TF_RUNTIME_LINE.match(line), f"not JSON: {line!r}"
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line
     events = [r.get("event") for r in records]
     assert events.count("epoch") == 2 and "progress" not in events
     assert (
@@ -180,3 +175,88 @@ def test_train_on_a_terminal_shows_a_progress_line(tmp_path):
     assert "\repoch 1/2 [" in text and "\repoch 2/2 [" in text
     assert re.search(r"\repoch 1/2 \[#+-*\]\s+4/10 steps", text)
     assert "\x1b" not in text
+
+
+def tensorflow_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if TF_RUNTIME_LINE.match(line)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(output dir, compile cache) of a tiny run whose cache holds its step."""
+    tmp = tmp_path_factory.mktemp("quiet")
+    out, cache = tmp / "out", tmp / "xla"
+    result = run_tiny_job("train", "--epochs", "1", "--output-dir", str(out),
+                          "--compile-cache", str(cache))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert tensorflow_lines(result.stderr) == []
+    assert list(cache.rglob("*.pb")), "the run cached no compiled step"
+    return out, cache
+
+
+@pytest.mark.parametrize("verbosity", ["default", "--quiet"])
+def test_no_tensorflow_chatter_with_a_warm_compile_cache(trained, tmp_path, verbosity):
+    # Loading a cached step made TensorFlow print three harmless E0000 lines.
+    _, cache = trained
+    flags = [] if verbosity == "default" else [verbosity]
+    result = run_tiny_job("train", "--epochs", "1", "--output-dir", str(tmp_path / "out"),
+                          "--compile-cache", str(cache), *flags)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert tensorflow_lines(result.stderr) == []
+    assert "SIGILL" not in result.stderr
+    if verbosity == "--quiet":
+        assert result.stderr == ""
+
+
+def test_no_tensorflow_chatter_from_predict_evaluate_info(trained):
+    out, _ = trained
+    for result in (
+        run_job("predict", "--model", str(out), str(out / "predictions.png")),
+        run_tiny_job("evaluate", "--model", str(out)),
+        run_job("info"),
+    ):
+        assert result.returncode == 0, result.stderr
+        assert tensorflow_lines(result.stderr) == [], result.args
+
+
+def test_verbose_shows_tensorflows_lines_as_json_objects_too(trained, tmp_path):
+    _, cache = trained
+    common = ["train", "--epochs", "1", "--compile-cache", str(cache), "--verbose"]
+    result = run_tiny_job(*common, "--output-dir", str(tmp_path / "text"))
+    assert result.returncode == 0, result.stderr
+    lines = tensorflow_lines(result.stderr)
+    assert lines[0].startswith("WARNING: All log messages before absl::InitializeLog()")
+    assert any(re.match(r"I0000 .* port\.cc:\d+\] oneDNN", line) for line in lines)
+    assert any("XlaSerializedCacheEntry" in line for line in lines)
+
+    result = run_tiny_job(*common, "--output-dir", str(tmp_path / "json"), "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line
+    native = {(r["level"], r.get("source", "").split(":")[0]) for r in records
+              if r["logger"] == "tensorflow" and "source" in r}  # fmt: skip
+    assert {("INFO", "port.cc"), ("ERROR", "text_format.cc")} <= native
+
+
+def test_the_clis_last_words_are_json_where_the_log_is(restore_logging, capsys):
+    stream = io.StringIO()
+    logs.configure(1, "json", stream)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as err:
+        logs.print_error(None, err)
+    logs.print_error("mnist-job: error: no model")
+    crash, error = map(json.loads, stream.getvalue().splitlines())
+    assert crash["level"] == "ERROR" and "RuntimeError: boom" in crash["exception"]
+    assert error["message"] == "mnist-job: error: no model"
+
+    logs.configure(1, "text", stream)  # plain lines, on stderr as before
+    logs.print_error("mnist-job: error: no model", RuntimeError("boom"))
+    assert capsys.readouterr().err.endswith("RuntimeError: boom\nmnist-job: error: no model\n")
+
+
+def test_a_failed_run_logged_as_json_ends_with_a_json_error(tmp_path):
+    result = run_tiny_job("train", "--learning-rate", "1e30", "--output-dir", str(tmp_path),
+                          "--log-format", "json")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    last = [json.loads(line) for line in result.stderr.splitlines()][-1]  # every line
+    assert last["level"] == "ERROR" and "training diverged" in last["message"]
