@@ -47,11 +47,6 @@ def default_data_dir() -> Path:
     return Path(cache_home) / "mnist-job"
 
 
-def default_compile_cache() -> Path:
-    """XLA's compiled programs, kept for later runs (job/compile_cache.py)."""
-    return default_data_dir() / "xla"
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     # Model and optimisation: the seed's values.
@@ -77,7 +72,9 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps; checkpoints also end every epoch
 
     # Where it runs.
-    compile_cache: Path | None = field(default_factory=default_compile_cache)  # None: off
+    # XLA's compiled step, kept for later runs on one machine (job/compile_cache.py).
+    # Off unless asked for: a pod or a fresh container always starts empty.
+    compile_cache: Path | None = None
     strategy: str = "auto"
     device: str = "auto"
     num_workers: int = 1  # Kubernetes Indexed Job: derive the cluster from the pod

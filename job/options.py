@@ -74,8 +74,8 @@ compile_cache_option = option(
     "--compile-cache",
     type=PATH,
     default=None,
-    help="Keep XLA's compiled training step here for later runs on this machine "
-    f"(~0.35 s each). [default: {DEFAULTS.compile_cache}]",
+    help="Keep XLA's compiled training step in this dir for later runs on this "
+    "machine (~0.35 s each). [default: off]",
     show_default=False,
 )
 
@@ -152,7 +152,8 @@ TRAIN_OPTIONS = (
         "--no-compile-cache",
         is_flag=True,
         default=False,
-        help="Compile without the cache, and leave it alone.",
+        help="Compile without the cache, and leave it alone (overrides --compile-cache "
+        "and MNIST_JOB_COMPILE_CACHE).",
     ),
     option(
         "--max-train-samples",

@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,11 +12,9 @@ from tests.tiny import tiny_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The CLIs the tests start keep XLA's compiled programs here, not in the user's
-# cache; runs inside this process (one TensorFlow, compiling for all) keep none.
-if "MNIST_JOB_COMPILE_CACHE" not in os.environ:
-    os.environ["MNIST_JOB_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mnist-job-tests-xla-")
-    atexit.register(shutil.rmtree, os.environ["MNIST_JOB_COMPILE_CACHE"], ignore_errors=True)
+# The job as users get it: the compile cache off unless a test asks for one,
+# never the cache of whoever runs the tests.
+os.environ.pop("MNIST_JOB_COMPILE_CACHE", None)
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,9 @@ def test_from_options_reads_platform_variables_and_no_compile_cache(tmp_path):
     assert built.model_dir == tmp_path / "sm-model"  # an empty AIP_MODEL_DIR is no setting
     assert built.output_dir == DEFAULTS.output_dir  # None: the default
     assert built.compile_cache is None
-    assert from_options({"no_compile_cache": False}, {}).compile_cache == DEFAULTS.compile_cache
+    assert from_options({"no_compile_cache": False}, {}).compile_cache is None  # off by default
+    asked = from_options({"compile_cache": tmp_path / "xla", "no_compile_cache": False}, {})
+    assert asked.compile_cache == tmp_path / "xla"
 
 
 def test_every_command_finds_mnist_where_train_does(tmp_path):
