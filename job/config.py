@@ -80,6 +80,7 @@ class TrainConfig:
     num_workers: int = 1  # Kubernetes Indexed Job: derive the cluster from the pod
     worker_service: str | None = None  # headless Service naming the worker pods
     worker_port: int = 2222
+    join_timeout: float = 600.0  # seconds a worker waits for all the others to join
 
     # Logging.
     verbosity: int = 1  # 0 quiet, 1 normal, 2 debug
@@ -105,6 +106,10 @@ class TrainConfig:
         if not 1 <= self.worker_port <= MAX_PORT:
             raise ConfigError(
                 f"--worker-port must be between 1 and {MAX_PORT}, got {self.worker_port}"
+            )
+        if not (self.join_timeout > 0 and math.isfinite(self.join_timeout)):
+            raise ConfigError(
+                f"--join-timeout must be a positive number of seconds, got {self.join_timeout}"
             )
         if not self.hidden_units or any(units < 1 for units in self.hidden_units):
             raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")

@@ -194,6 +194,13 @@ TRAIN_OPTIONS = (
     worker_service_option,
     worker_port_option,
     option(
+        "--join-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULTS.join_timeout,
+        metavar="SECONDS",
+        help="Multi-worker: exit 1 if the other workers have not all joined by then.",
+    ),
+    option(
         "--model-dir",
         type=PATH,
         default=None,

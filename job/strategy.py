@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from job import join
 from job.config import TrainConfig
 from job.errors import ConfigError, DeviceError
 
@@ -250,11 +251,11 @@ def setup(config: TrainConfig, cluster: Cluster, strategy=None) -> Placement:
         name = "injected"
     else:
         name = choose_strategy(config.strategy, cluster, len(gpus))
-        strategy = _make_strategy(name, cluster, gpus)
+        strategy = _make_strategy(name, cluster, gpus, config.join_timeout)
     return Placement(strategy, name, cluster, [gpu.name for gpu in gpus], threads)
 
 
-def _make_strategy(name: str, cluster: Cluster, gpus: list):
+def _make_strategy(name: str, cluster: Cluster, gpus: list, join_timeout: float):
     import tensorflow as tf
 
     if name == "default":
@@ -279,6 +280,7 @@ def _make_strategy(name: str, cluster: Cluster, gpus: list):
             cluster.task_type,
             cluster.task_index,
         )
-        # TensorFlow blocks here, silently, until every worker has joined.
-        log.info("Waiting for all %d workers to join", cluster.num_workers)
+        # TensorFlow's constructor waits for every worker with no deadline and
+        # deaf to SIGTERM: so the workers meet first (job/join.py).
+        join.meet(cluster.spec, cluster.task_type, cluster.task_index, join_timeout)
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)

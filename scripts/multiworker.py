@@ -21,6 +21,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+
+STOP_GRACE_SECONDS = 10.0  # after SIGTERM, before SIGKILL
+# After a worker succeeds, how long the others may take to finish (the chief
+# writes the artifacts after the last step) before they are stopped too.
+FINISH_GRACE_SECONDS = 60.0
 
 
 def free_ports(count: int) -> list[int]:
@@ -43,6 +49,42 @@ def start_workers(commands: list[list[str]], env: dict | None = None, **popen) -
         worker_env = {**os.environ, **(env or {}), "TF_CONFIG": json.dumps(tf_config)}
         workers.append(subprocess.Popen(command, env=worker_env, **popen))
     return workers
+
+
+def exit_code(returncode: int) -> int:
+    """A shell's exit code: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def supervise(workers: list, grace: float = STOP_GRACE_SECONDS) -> int:
+    """Wait for every worker. Once one fails, SIGTERM the others, then SIGKILL
+    those still running `grace` seconds later; once one succeeds, the others
+    get FINISH_GRACE_SECONDS to finish first. The first failure's exit code, or 0."""
+    running, first_failure = dict(enumerate(workers)), None
+    stop_at = kill_at = None  # monotonic times
+    while running:
+        now = time.monotonic()
+        for index, worker in list(running.items()):
+            if worker.poll() is None:
+                continue
+            del running[index]
+            code = exit_code(worker.returncode)
+            if code and first_failure is None:
+                first_failure = code
+                if running and kill_at is None:
+                    print(f"[worker {index}] exited {code}: stopping the others", file=sys.stderr)
+                stop_at = now
+            elif stop_at is None:
+                stop_at = now + FINISH_GRACE_SECONDS
+        if running and kill_at is None and stop_at is not None and now >= stop_at:
+            for worker in running.values():
+                worker.terminate()
+            kill_at = now + grace
+        if running and kill_at is not None and now >= kill_at:
+            for worker in running.values():
+                worker.kill()
+        time.sleep(0.1)
+    return first_failure or 0
 
 
 def relay(lines, prefix: str) -> None:
@@ -83,10 +125,10 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [worker.wait() for worker in workers]
+    code = supervise(workers)
     for thread in relays:
         thread.join()  # the last lines of every worker, before our own exit
-    return next((code for code in codes if code), 0)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from scripts.multiworker import start_workers
-from tests.conftest import ROOT, run_tiny_job
+from job.errors import ExitCode
+from scripts.multiworker import free_ports, start_workers, supervise
+from tests.conftest import ROOT, run_tiny_job, start_tiny_job
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +167,86 @@ def test_overwrite_of_a_finished_run_starts_every_worker_over(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"] is None
     assert [record["epoch"] for record in metrics["history"]] == [1, 2]
+
+
+def start_one_of_two(index: int, *train_args: str) -> tuple[subprocess.Popen, list[str]]:
+    """Worker `index` of a two-worker cluster whose other worker never starts;
+    and the addresses of both."""
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+    worker = start_tiny_job(
+        "train", *train_args, env={"TF_CONFIG": json.dumps(tf_config), "TINY_JOB_TRAIN": TRAIN}
+    )
+    return worker, addresses
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["chief-alone", "worker-alone"])
+def test_a_worker_whose_peer_never_comes_exits_1_naming_it(tmp_path, index):
+    started = time.monotonic()
+    worker, addresses = start_one_of_two(
+        index, "--join-timeout", "5", "--output-dir", str(tmp_path / "out")
+    )
+    _, log = worker.communicate(timeout=120)
+    assert worker.returncode == 1, log
+    assert time.monotonic() - started < 60, "start-up plus the 5 s timeout"
+    missing = (
+        f"missing worker 1 ({addresses[1]})"
+        if index == 0
+        else f"the chief, worker 0 ({addresses[0]}), has not started"
+    )
+    assert log.strip().splitlines()[-1] == (
+        f"mnist-job: error: workers did not join within 5 s: {missing}"
+    )
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["chief", "worker"])
+def test_sigterm_while_waiting_to_join_ends_the_worker_at_once(tmp_path, index):
+    # A preempted pod group: the chief that one worker waits for has already gone.
+    worker, _ = start_one_of_two(index, "--output-dir", str(tmp_path / "out"))
+    for line in worker.stderr:  # until it waits
+        if "Waiting for all 2 workers to join" in line:
+            break
+    time.sleep(1)
+    worker.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    worker.communicate(timeout=60)
+    assert worker.returncode in (ExitCode.TERMINATED, -signal.SIGTERM)
+    assert time.monotonic() - sent < 5, "SIGTERM took too long to honour"
+
+
+def test_a_second_launch_on_a_finished_run_exits_2_without_hanging(tmp_path):
+    # The chief refuses the finished run before joining; the other worker, left
+    # waiting for it, is stopped by the launcher, not by its --join-timeout.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "scripts/multiworker.py", "--workers", "2",
+         "--command", f"{sys.executable} tests/tiny_job.py", "--", "--output-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "holds a finished run" in result.stderr
+    assert time.monotonic() - started < 120, "a worker waited for the one that had exited"
+
+
+def test_the_launcher_stops_the_others_when_one_fails(tmp_path):
+    # Worker 0 fails at once; worker 1 ignores SIGTERM, so it takes the SIGKILL.
+    fails = [sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"]
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    stuck = [sys.executable, "-c", ignore + "time.sleep(600)"]
+    workers = start_workers([fails, stuck])
+    started = time.monotonic()
+    assert supervise(workers, grace=1) == 3
+    assert workers[1].returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 30
+
+
+def test_the_launcher_waits_for_every_worker_that_succeeds():
+    quick = [sys.executable, "-c", "pass"]
+    slower = [sys.executable, "-c", "import time; time.sleep(2)"]
+    workers = start_workers([quick, slower])
+    assert supervise(workers, grace=1) == 0
+    assert [worker.returncode for worker in workers] == [0, 0]
