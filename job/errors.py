@@ -35,9 +35,10 @@ Exit codes:
   1    unexpected failure (a bug, out of memory, a lost worker): worth a
        retry, which resumes from the last checkpoint
   2    usage or configuration error (bad option or environment, unusable
-       output dir, finished run without --overwrite, checkpoint corrupt or
-       made with other settings, output volume full or read-only, loss or
-       weights diverged to NaN): fix the command or the volume
+       output dir or one another run holds, finished run without
+       --overwrite, checkpoint corrupt or made with other settings, output
+       volume full, read-only or forbidden, loss or weights diverged to
+       NaN): fix the command or the volume
   3    MNIST unavailable or corrupt; predict: an image could not be read
   4    requested device unavailable (--device gpu without a GPU)
   130  interrupted (Ctrl-C): rerun to resume from the last checkpoint
