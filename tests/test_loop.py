@@ -3,13 +3,17 @@ Trainer itself on tiny data (no runner, no files)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from job import loop
 from job.checkpoint import TrainState
 from job.loop import (
     MAX_CHUNK_STEPS,
@@ -20,6 +24,7 @@ from job.loop import (
     epoch_order,
     epoch_record,
 )
+from job.runner import run
 
 # -- epoch_order -------------------------------------------------------------------
 
@@ -255,3 +260,40 @@ def test_evaluate_returns_each_images_class_probabilities(splits, tiny):
     assert evaluation.accuracy == pytest.approx(hits.mean())
     true_class = probabilities[np.arange(len(tiny.y_test)), tiny.y_test]
     assert evaluation.loss == pytest.approx(-np.log(true_class).mean(), rel=1e-4)
+
+
+# -- memory XLA's compile freed ------------------------------------------------------
+
+
+def anonymous_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status (not Linux)")
+
+
+@pytest.mark.skipif(loop._MALLOC_TRIM is None, reason="the C library has no malloc_trim")
+def test_release_free_memory_returns_freed_heap_pages_glibc_keeps():
+    """What XLA's compile leaves: many small blocks freed below one still in
+    use, which glibc's own trimming (top of the heap only) never returns."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(4096) for _ in range(25_000)]  # ~100 MB
+    for block in blocks:
+        ctypes.memset(block, 1, 4096)
+    for block in blocks[:-1]:  # the last one pins the top of the heap
+        libc.free(block)
+    before = anonymous_mb()
+    loop.release_free_memory()
+    after = anonymous_mb()
+    libc.free(blocks[-1])
+    assert before - after > 50, (before, after)
+
+
+def test_released_once_after_the_first_compiled_chunk(tiny, tiny_config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "release_free_memory", lambda: calls.append(1))
+    # 2 epochs of 10 steps in chunks of at most 4: six chunks, one compile.
+    run(tiny_config.replace(epochs=2, checkpoint_every=4), datasets=tiny)
+    assert calls == [1]
