@@ -317,16 +317,25 @@ def _huge_header() -> bytes:
     return np.lib.format.magic(2, 0) + struct.pack("<I", 2_500_000 * 784)
 
 
+# Runs a command and prints its peak RSS. A child inherits, in its peak, the
+# size of the process it was forked from (the kernel counts the parent's pages
+# until exec), so the command is started from this small process, not from the
+# test session, which holds TensorFlow.
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stderr=subprocess.PIPE, text=True)
+sys.stderr.write(child.stderr.read())
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss_mb(*args: str) -> tuple[int, str, float]:
-    """(exit code, stderr, peak RSS in MB) of `python -m job ARGS`: that process's own peak
-    (wait4), not the largest of every child this test session has run."""
-    cmd = [sys.executable, "-m", "job", *args]
-    pipe = subprocess.PIPE
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True) as proc:
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        stderr = proc.stderr.read()
-    return proc.returncode, stderr, usage.ru_maxrss / 1024  # KiB on Linux
+    """(exit code, stderr, peak RSS in MB) of `python -m job ARGS` alone."""
+    cmd = [sys.executable, "-c", _MEASURE, sys.executable, "-m", "job", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    return done.returncode, done.stderr, int(done.stdout.split()[-1]) / 1024  # KiB on Linux
 
 
 @pytest.mark.parametrize("head", [_huge_shape, _huge_header], ids=lambda f: f.__name__.strip("_"))
