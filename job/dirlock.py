@@ -63,7 +63,7 @@ def _acquire(path: Path, what: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = _read(fd)
+            holder = _holder(fd)
             os.close(fd)
             if err.errno in _NO_LOCKS:
                 log.warning(
@@ -101,8 +101,15 @@ def _describe_holder(fd: int) -> None:
     os.pwrite(fd, text.encode(), 0)
 
 
-def _read(fd: int) -> str:
-    try:
-        return os.pread(fd, 512, 0).decode(errors="replace").strip()
-    except OSError:
-        return ""
+def _holder(fd: int) -> str:
+    """Who holds the lock, as the holder wrote it: it writes just after it
+    locks, so a run that starts at the same moment waits a little for it."""
+    for _ in range(10):
+        try:
+            text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        if text:
+            return text
+        time.sleep(0.02)
+    return ""
