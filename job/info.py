@@ -1,7 +1,8 @@
 """`mnist-job info`: what this job sees where it runs. The first thing to run in
 a pod that misbehaves: versions, CPUs and their cgroup limit, GPUs (and why
 TensorFlow may not see one), the strategy `auto` would pick, the cluster
-derived from TF_CONFIG or the Indexed Job, the MNIST cache, the output dir.
+derived from TF_CONFIG or the Indexed Job, the MNIST cache, the output dir, and the two
+CUDA tools XLA needs to compile for a GPU (ptxas and libdevice).
 
 Nothing here changes anything: no download, no directory created, no file
 left behind.
@@ -13,6 +14,9 @@ import glob
 import json
 import os
 import platform
+import shlex
+import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 from job.artifacts import unwritable_reason
@@ -27,6 +31,7 @@ ENV_VARS = (
     "CUDA_VISIBLE_DEVICES",
     "NVIDIA_VISIBLE_DEVICES",
     "TF_XLA_FLAGS",
+    "XLA_FLAGS",
     "TF_ENABLE_ONEDNN_OPTS",
     "KERAS_HOME",
     "MPLCONFIGDIR",
@@ -58,6 +63,7 @@ def collect(config: TrainConfig, environ=os.environ) -> dict:
             "threads_used": cpu_threads(),
         },
         "nvidia_devices": sorted(glob.glob("/dev/nvidia[0-9]*")),
+        "xla_gpu_tools": xla_gpu_tools(environ),
         "strategy_auto": strategy,
         "cluster": cluster_report,
         "data": _data(config.data_dir),
@@ -87,6 +93,9 @@ def text(info: dict) -> str:
     )
     if info["nvidia_devices"]:
         lines.append("nvidia devices: " + ", ".join(info["nvidia_devices"]))
+    tools = info["xla_gpu_tools"]
+    lines.append(f"ptxas: {tools['ptxas'] or 'not found'}")
+    lines.append(f"libdevice: {tools['libdevice'] or 'not found'}")
     lines.append(f"strategy (auto): {info['strategy_auto'] or 'unknown'}")
     if "error" in cluster:
         lines.append(f"cluster: error: {cluster['error']}")
@@ -132,6 +141,14 @@ def hints(info: dict) -> list[str]:
                 "CUDA_VISIBLE_DEVICES, the driver version, and the CUDA libraries on "
                 "LD_LIBRARY_PATH"
             )
+    tools = info["xla_gpu_tools"]
+    if "error" not in tf and tf["cuda_build"] and not (tools["ptxas"] and tools["libdevice"]):
+        found.append(
+            "XLA cannot compile for a GPU without ptxas and libdevice (jit_compile fails "
+            "with 'libdevice not found'): install nvidia-cuda-nvcc-cu12, put its bin/ on "
+            "PATH and set XLA_FLAGS=--xla_gpu_cuda_data_dir=DIR, DIR holding "
+            f"{LIBDEVICE}"
+        )
     if not info["output_dir"]["writable"]:
         found.append("train will fail: choose a writable --output-dir or mount a volume there")
     return found
@@ -139,6 +156,51 @@ def hints(info: dict) -> list[str]:
 
 def to_json(info: dict) -> str:
     return json.dumps(info, indent=2, default=str)
+
+
+LIBDEVICE = "nvvm/libdevice/libdevice.10.bc"
+CUDA_DATA_DIR_FLAG = "--xla_gpu_cuda_data_dir"
+
+
+def xla_gpu_tools(environ=os.environ, cuda_roots: list[Path] | None = None) -> dict:
+    """Where XLA would find ptxas and libdevice for GPU compiles, as it looks
+    for them (None where it would not): first the dir that XLA_FLAGS'
+    --xla_gpu_cuda_data_dir names, then (ptxas) PATH, then the CUDA roots:
+    pip's nvidia/cuda_nvcc (tensorflow[and-cuda] installs it) and
+    /usr/local/cuda. Only a GPU needs them; nothing is run or created."""
+    data_dir = None
+    for token in shlex.split(environ.get("XLA_FLAGS", "")):
+        name, _, value = token.partition("=")
+        if name == CUDA_DATA_DIR_FLAG:
+            data_dir = value  # the last one wins, as in XLA
+    roots = _cuda_roots() if cuda_roots is None else cuda_roots
+    preferred = [Path(data_dir)] if data_dir else []
+
+    ptxas = next((str(p) for p in (r / "bin" / "ptxas" for r in preferred) if _runnable(p)), None)
+    ptxas = ptxas or shutil.which("ptxas", path=environ.get("PATH", os.defpath))
+    ptxas = ptxas or next(
+        (str(p) for p in (r / "bin" / "ptxas" for r in roots) if _runnable(p)), None
+    )
+    libdevice = next(
+        (str(p) for p in (r / LIBDEVICE for r in [*preferred, *roots]) if p.is_file()), None
+    )
+    return {"cuda_data_dir": data_dir, "ptxas": ptxas, "libdevice": libdevice}
+
+
+def _cuda_roots() -> list[Path]:
+    """pip's CUDA compiler package (nvidia-cuda-nvcc-cu12), then the system CUDA."""
+    roots = []
+    try:
+        spec = find_spec("nvidia")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        roots.append(Path(location) / "cuda_nvcc")
+    return [*roots, Path("/usr/local/cuda")]
+
+
+def _runnable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
 
 
 def _tensorflow() -> dict:

@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from job.config import TrainConfig
-from job.info import collect, hints, text
+from job.info import LIBDEVICE, collect, hints, text, to_json, xla_gpu_tools
 from tests.conftest import ROOT
 
 TWO_WORKERS = {
@@ -56,6 +57,7 @@ def test_json_has_every_field_and_creates_nothing(tmp_path):
     assert not (tmp_path / "not").exists() and not (tmp_path / "cache").exists()
     assert not (tmp_path / "xla").exists()
     assert info["environment"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert set(info["xla_gpu_tools"]) == {"cuda_data_dir", "ptxas", "libdevice"}
 
 
 def test_text_report_and_cluster_from_tf_config(tmp_path):
@@ -125,3 +127,72 @@ def test_the_compile_cache_is_counted_or_reported_off(tmp_path):
     assert "1 compiled program(s), 1.0 MB" in text(info)
     off = collect(TrainConfig(output_dir=tmp_path, compile_cache=None), {})
     assert off["compile_cache"] is None and "compile cache: off" in text(off)
+
+
+def cuda_dir(root: Path, ptxas: bool = True, libdevice: bool = True) -> Path:
+    """A CUDA dir laid out as nvidia-cuda-nvcc-cu12 installs it."""
+    if ptxas:
+        (root / "bin").mkdir(parents=True)
+        (root / "bin" / "ptxas").write_text("#!/bin/sh\n")
+        (root / "bin" / "ptxas").chmod(0o755)
+    if libdevice:
+        (root / LIBDEVICE).parent.mkdir(parents=True)
+        (root / LIBDEVICE).write_bytes(b"BC")
+    return root
+
+
+def test_ptxas_and_libdevice_where_xla_flags_point(tmp_path):
+    """The CUDA image's setting: XLA_FLAGS names the dir; both are reported
+    by path, in the text and in the JSON."""
+    nvcc = cuda_dir(tmp_path / "cuda_nvcc")
+    environ = {"XLA_FLAGS": f"--xla_dump_to=/x --xla_gpu_cuda_data_dir={nvcc}", "PATH": ""}
+    tools = xla_gpu_tools(environ, cuda_roots=[])
+    assert tools == {
+        "cuda_data_dir": str(nvcc),
+        "ptxas": str(nvcc / "bin" / "ptxas"),
+        "libdevice": str(nvcc / LIBDEVICE),
+    }
+    info = collect(TrainConfig(output_dir=tmp_path), environ)
+    assert info["environment"]["XLA_FLAGS"] == environ["XLA_FLAGS"]
+    info["xla_gpu_tools"] = tools
+    assert f"ptxas: {nvcc / 'bin' / 'ptxas'}" in text(info).splitlines()
+    assert f"libdevice: {nvcc / LIBDEVICE}" in text(info).splitlines()
+    assert json.loads(to_json(info))["xla_gpu_tools"] == tools
+
+
+def test_ptxas_on_path_and_libdevice_in_pips_cuda_nvcc(tmp_path):
+    """Without XLA_FLAGS, XLA takes ptxas from PATH and libdevice from the
+    CUDA roots (pip's nvidia/cuda_nvcc); a ptxas that cannot run is skipped."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ptxas").write_text("not executable")
+    on_path = cuda_dir(tmp_path / "cuda", libdevice=False) / "bin"
+    pip_nvcc = cuda_dir(tmp_path / "site-packages" / "nvidia" / "cuda_nvcc", ptxas=False)
+    environ = {"PATH": f"{bin_dir}:{on_path}"}
+    tools = xla_gpu_tools(environ, cuda_roots=[tmp_path / "missing", pip_nvcc])
+    assert tools == {
+        "cuda_data_dir": None,
+        "ptxas": str(on_path / "ptxas"),
+        "libdevice": str(pip_nvcc / LIBDEVICE),
+    }
+
+
+def test_missing_ptxas_or_libdevice_is_reported_with_a_hint_for_cuda_builds(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nvcc = cuda_dir(tmp_path / "cuda_nvcc", libdevice=False)  # ptxas only
+    environ = {"XLA_FLAGS": f"--xla_gpu_cuda_data_dir={nvcc}", "PATH": str(empty)}
+    tools = xla_gpu_tools(environ, cuda_roots=[])
+    assert tools["ptxas"] == str(nvcc / "bin" / "ptxas") and tools["libdevice"] is None
+
+    info = collect(TrainConfig(output_dir=tmp_path), {})
+    info["xla_gpu_tools"] = xla_gpu_tools({"PATH": str(empty)}, cuda_roots=[])
+    assert info["xla_gpu_tools"] == {"cuda_data_dir": None, "ptxas": None, "libdevice": None}
+    lines = text(info).splitlines()
+    assert "ptxas: not found" in lines and "libdevice: not found" in lines
+    # A CPU-only TensorFlow never needs them; a CUDA build is told what to do.
+    info["tensorflow"] = {**info["tensorflow"], "cuda_build": False}
+    assert not any("libdevice" in hint for hint in hints(info))
+    info["tensorflow"] = {**info["tensorflow"], "cuda_build": True}
+    (hint,) = [hint for hint in hints(info) if "libdevice" in hint]
+    assert "--xla_gpu_cuda_data_dir" in hint and "nvidia-cuda-nvcc-cu12" in hint
