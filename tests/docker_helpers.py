@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 IMAGE = os.environ.get("IMAGE", "mnist-job")
-# The job's user (docker/entrypoint.sh drops to it); Kubernetes' fsGroup names it too.
-CONTAINER_UID = 1000
-CONTAINER_GID = 1000
+# The image's USER (docker/Dockerfile): non-root, >= 10000 as Kubernetes
+# policies ask; k8s/*.yaml's runAsUser, runAsGroup and fsGroup name the same.
+CONTAINER_UID = 10001
+CONTAINER_GID = 10001
 ARTIFACTS = (
     "model.keras",
     "saved_model/saved_model.pb",
@@ -94,9 +95,9 @@ def docker_run_args(
     cmd += ["--detach"] if detach else ["--rm"]
     if name:
         cmd += ["--name", name]
-    # Locked-down runtimes name the user (Kubernetes' runAsUser); without
-    # capabilities the entrypoint could not drop from root to it by itself.
-    cmd += ["--user", user or f"{CONTAINER_UID}:{CONTAINER_GID}"]
+    # The image's own USER unless the test names another (--user, runAsUser).
+    if user:
+        cmd += ["--user", user]
     for host, container in (volumes or {}).items():
         cmd += ["--volume", f"{host}:{container}"]
     for key, value in (env or {}).items():

@@ -23,9 +23,11 @@ import pytest
 from job import checkpoint
 from tests.conftest import ROOT
 from tests.docker_helpers import (
+    CONTAINER_GID,
     CONTAINER_UID,
     detached,
     docker_run,
+    docker_run_args,
     exit_code,
     logs,
     missing_artifacts,
@@ -88,6 +90,99 @@ def test_dockerfile_passes_hadolint():
     assert result.stdout == ""
 
 
+def test_every_from_is_a_pinned_image_or_a_stage():
+    """No FROM floats to :latest: each is a stage of the file or the base,
+    whose default names a tag (docker/base-image.sh refuses a BASE_IMAGE
+    without a tag or digest), and the last one picks a variant stage."""
+    lines = DOCKERFILE.read_text().splitlines()
+    args = dict(
+        re.fullmatch(r"ARG (\w+)=(\S+)", line).groups()
+        for line in lines[: next(i for i, line in enumerate(lines) if line.startswith("FROM"))]
+        if line.startswith("ARG ")
+    )
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", args["BASE_IMAGE"]), args
+    stages: set[str] = set()
+    froms = [line.split()[1:] for line in lines if line.startswith("FROM ")]
+    for source, *alias in froms:
+        assert (
+            source == "${BASE_IMAGE}"
+            or source in stages
+            or (source == "image-${TF_EXTRA}" and {"image-cpu", "image-cuda"} <= stages)
+        ), f"FROM {source}: neither the pinned base nor a stage"
+        if alias:
+            stages.add(alias[1])
+    assert froms[-1] == ["image-${TF_EXTRA}"] and args["TF_EXTRA"] == "cpu"
+
+
+FAKE_DOCKER = """#!/bin/sh
+# Only the local base is here; a pull fails as with no registry, or works.
+case "$1 $2" in
+  "image inspect") [ "$3" = mnist-job-base:bookworm ] ;;
+  "pull --quiet")
+    [ -n "$PULL_WORKS" ] && exit 0
+    echo 'Error response from daemon: dial tcp: lookup r.example: no such host' >&2
+    exit 1 ;;
+  *) exit 3 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    ("base_image", "pull_works", "code", "chosen", "says"),
+    [
+        (
+            "",
+            "",
+            0,
+            "mnist-job-base:bookworm",
+            "cannot pull python:3.11-slim-bookworm (no such host)",
+        ),
+        ("", "1", 0, "python:3.11-slim-bookworm", None),
+        ("mnist-job-base:bookworm", "", 0, "mnist-job-base:bookworm", None),
+        ("example.com:5000/py:3.11", "", 0, "example.com:5000/py:3.11", None),
+        ("python", "", 1, "", "BASE_IMAGE=python names no tag or digest"),
+        ("example.com:5000/py", "", 1, "", "names no tag or digest"),
+    ],
+)
+def test_make_docker_picks_a_base_where_no_registry_answers(
+    tmp_path, base_image, pull_works, code, chosen, says
+):
+    """docker/base-image.sh, which `make docker` asks for the base: the
+    official one if it can be pulled, else the local one (built if missing)
+    with one line saying why; a BASE_IMAGE given wins, if pinned. A fake
+    docker stands in for the engine."""
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_DOCKER)
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "PULL_WORKS": pull_works}
+    result = subprocess.run(
+        [str(ROOT / "docker" / "base-image.sh"), base_image],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout.strip()) == (code, chosen), result.stderr
+    if says:
+        (line,) = result.stderr.splitlines()
+        assert says in line
+    else:
+        assert result.stderr == ""
+
+
+def test_image_runs_as_a_non_root_user_with_a_high_uid(image):
+    """`docker run` with no --user: the image's USER, uid and gid >= 10000
+    (below that, Kubernetes policies flag them), numeric so that a kubelet can
+    enforce runAsNonRoot."""
+    assert inspect(image)["Config"]["User"] == f"{CONTAINER_UID}:{CONTAINER_GID}"
+    ids = run_in_image(image, "id")
+    assert ids.returncode == 0, ids.stderr
+    uid, gid = (int(re.search(rf"\b{key}=(\d+)", ids.stdout).group(1)) for key in ("uid", "gid"))
+    assert (uid, gid) == (CONTAINER_UID, CONTAINER_GID), ids.stdout
+    assert uid >= 10000 and gid >= 10000
+
+
 def test_image_metadata(image):
     config = inspect(image)["Config"]
     # Exec form, and the entrypoint script execs the job: the job is PID 1.
@@ -100,6 +195,8 @@ def test_image_metadata(image):
     assert env["MNIST_JOB_DATA_DIR"] == "/opt/mnist-job/data"
     for key in ("HOME", "MPLCONFIGDIR", "KERAS_HOME"):
         assert env[key].startswith("/tmp"), f"{key}={env[key]} is not writable on a read-only root"
+    # XLA's GPU settings are the CUDA image's only.
+    assert ("XLA_FLAGS" in env) == image.endswith(":cuda"), env
 
     labels = config["Labels"]
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -172,23 +269,59 @@ def test_cpu_image_trains_read_only_without_network(cpu_image, tmp_path):
     assert re.search(r"^/outputs/predictions.png: \d \(", predicted.stdout, re.MULTILINE)
 
 
-def test_plain_docker_run_on_a_fresh_host_dir(cpu_image, tmp_path):
-    """`docker run --rm -v "$PWD/out:/outputs" mnist-job`, as the README says:
-    Docker creates the host dir root-owned; the entrypoint hands it to the job's
-    user and drops root, so the job runs, and its files belong to, uid 1000."""
+def test_plain_docker_run_on_a_fresh_host_dir_says_what_to_run(cpu_image, tmp_path):
+    """`docker run --rm -v "$PWD/out:/outputs" mnist-job` where out/ does not
+    exist: Docker creates it root-owned, the image's user cannot write there,
+    and nothing starts as root to fix that. The job stops at once, exit 2,
+    with one line that gives the command to run; that command works."""
     out = tmp_path / "out"  # not created: Docker makes it, as root
     command = ["docker", "run", "--rm", "--network", "none", "-v", f"{out}:/outputs",
                cpu_image, "train", *QUICK]  # fmt: skip
     result = subprocess.run(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120
     )
-    assert result.returncode == 0, result.stdout
-    assert_trained(out)  # owned by CONTAINER_UID, readable by the host
+    assert result.returncode == 2, result.stdout
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"mnist-job: /outputs is not writable by uid {CONTAINER_UID} "), line
+    fix = 'mkdir -p out && docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/out:/outputs"'
+    assert f"{fix} mnist-job" in line
+    assert f"sudo chown {CONTAINER_UID}:{CONTAINER_GID} out" in line
+    assert out.stat().st_uid == 0 and list(out.iterdir()) == []
+
+    # The fix, as a host user (uid 4242) runs it: their dir, their uid.
+    writable_volume(out, uid=4242, gid=4242)
+    fixed = subprocess.run(
+        [*command[:3], "--user", "4242:4242", *command[3:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert fixed.returncode == 0, fixed.stdout
+    assert_trained(out, uid=4242)
+
+
+def test_info_and_other_commands_are_not_stopped_by_the_check(cpu_image, tmp_path):
+    """Only `train` into /outputs needs it writable: `info` reports the
+    problem instead, `train --help` answers, `train --output-dir` elsewhere runs."""
+    out = tmp_path / "out"
+    out.mkdir(mode=0o755)  # root's, as Docker would make it
+    info = docker_run(cpu_image, "info", volumes={out: "/outputs"}, timeout=120)
+    assert info.returncode == 0, info.stdout
+    assert "output dir: /outputs NOT writable" in info.stdout
+    help_ = docker_run(cpu_image, "train", "--help", volumes={out: "/outputs"}, timeout=120)
+    assert help_.returncode == 0 and "--output-dir" in help_.stdout, help_.stdout
+    elsewhere = docker_run(
+        cpu_image, "train", *QUICK, "--num-images", "0", "--output-dir", "/tmp/run",
+        volumes={out: "/outputs"},
+    )  # fmt: skip
+    assert elsewhere.returncode == 0, elsewhere.stdout
 
 
 def test_runs_as_any_uid(cpu_image, tmp_path):
     """`docker run --user $(id -u):$(id -g)` and OpenShift's random uids work:
-    nothing in the image depends on uid 1000 but the default."""
+    nothing in the image depends on its own uid but the default (MNIST, the
+    venv readable by all; HOME and the caches in /tmp)."""
     out = writable_volume(tmp_path / "outputs", uid=4242, gid=4242)
     result = docker_run(
         cpu_image, "train", *QUICK, "--num-images", "2", volumes={out: "/outputs"}, user="4242:4242"
@@ -212,6 +345,30 @@ def test_cuda_image_device_gpu_without_gpu_exits_4(cuda_image, tmp_path):
     assert "--device gpu: no GPU is visible" in result.stdout
     assert "Traceback" not in result.stdout
     assert not (out / "metrics.json").exists()
+
+
+def test_cuda_image_has_ptxas_and_libdevice_where_xla_looks(cuda_image):
+    """XLA on a GPU compiles with ptxas and links libdevice; without them
+    jit_compile fails ("libdevice not found", tensorflow/tensorflow#58681).
+    The image sets XLA_FLAGS=--xla_gpu_cuda_data_dir to pip's cuda_nvcc and
+    puts its ptxas on PATH; `mnist-job info` finds both. No GPU needed."""
+    env = dict(item.split("=", 1) for item in inspect(cuda_image)["Config"]["Env"])
+    (data_dir,) = re.findall(r"--xla_gpu_cuda_data_dir=(\S+)", env["XLA_FLAGS"])
+    ptxas = run_in_image(cuda_image, "ptxas", "--version")
+    assert ptxas.returncode == 0, ptxas.stderr
+    assert re.search(r"Cuda compilation tools, release 12\.\d+", ptxas.stdout), ptxas.stdout
+    libdevice = f"{data_dir}/nvvm/libdevice/libdevice.10.bc"
+    found = run_in_image(cuda_image, "sh", "-c", f"test -s {libdevice} && command -v ptxas")
+    assert found.returncode == 0, f"no {libdevice}: {found.stderr}"
+    assert found.stdout.strip() == f"{data_dir}/bin/ptxas"
+
+    info = subprocess.run(
+        docker_run_args(cuda_image, "info", "--json"), capture_output=True, text=True, timeout=300
+    )
+    assert info.returncode == 0, info.stderr
+    tools = json.loads(info.stdout)["xla_gpu_tools"]
+    assert tools == {"cuda_data_dir": data_dir, "ptxas": f"{data_dir}/bin/ptxas",
+                     "libdevice": libdevice}  # fmt: skip
 
 
 def test_cuda_libraries_are_found_by_the_loader(cuda_image):
@@ -273,18 +430,21 @@ def test_docker_stop_checkpoints_and_rerun_resumes(cpu_image, tmp_path):
 
 @pytest.mark.slow
 def test_default_command_reaches_seed_accuracy(tmp_path):
-    """`docker run -v ...:/outputs mnist-job`: :latest, the default command, the
-    seed's settings on all of MNIST, no network; test accuracy >= 0.97."""
+    """The README's `docker run`: :latest, the default command, the seed's
+    settings on all of MNIST, no network; test accuracy >= 0.97."""
     image = require_image("latest")
-    out = tmp_path / "out"  # as the README's command leaves it: Docker creates it
+    # As the README says: `mkdir -p out && docker run --user "$(id -u):$(id -g)"
+    # ...`, the host user here being uid 4242.
+    out = writable_volume(tmp_path / "out", uid=4242, gid=4242)
     result = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--volume", f"{out}:/outputs", image],
+        ["docker", "run", "--rm", "--network", "none", "--user", "4242:4242",
+         "--volume", f"{out}:/outputs", image],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         timeout=900,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout
-    metrics = assert_trained(out)
+    metrics = assert_trained(out, uid=4242)
     assert metrics["config"]["epochs"] == 5 and metrics["config"]["max_train_samples"] is None
     assert metrics["test"]["accuracy"] >= 0.97, metrics["test"]

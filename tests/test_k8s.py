@@ -27,7 +27,7 @@ from job.errors import ExitCode
 from job.strategy import resolve_cluster
 from tests import kubelet
 from tests.conftest import ROOT
-from tests.docker_helpers import require_image
+from tests.docker_helpers import CONTAINER_GID, CONTAINER_UID, require_image
 
 K8S = ROOT / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
@@ -250,15 +250,16 @@ def test_image_tags_are_the_ones_make_builds():
 @pytest.mark.parametrize("name", [p.name for p in MANIFESTS])
 def test_pods_run_restricted(name):
     """The restricted Pod Security Standard, plus a read-only root and the
-    image's uid:gid 1000 with fsGroup so the volume is writable."""
+    image's uid:gid (>= 10000) with fsGroup so the volume is writable."""
     for obj in objects(name):
         if obj["kind"] not in WORKLOADS:
             continue
         spec = kubelet.pod_template(obj)
         pod_security = spec["securityContext"]
         assert pod_security["runAsNonRoot"] is True
-        assert (pod_security["runAsUser"], pod_security["runAsGroup"]) == (1000, 1000)
-        assert pod_security["fsGroup"] == 1000
+        user = (pod_security["runAsUser"], pod_security["runAsGroup"])
+        assert user == (CONTAINER_UID, CONTAINER_GID) and min(user) >= 10000
+        assert pod_security["fsGroup"] == CONTAINER_GID
         assert pod_security["seccompProfile"]["type"] == "RuntimeDefault"
         assert spec.get("automountServiceAccountToken") is False
         for container in spec["containers"]:
@@ -401,8 +402,8 @@ def test_kubelet_docker_run_mirrors_the_pod_spec(tmp_path):
     args = " ".join(pod.run_args)
     memory = kubelet.memory_bytes(trainer(job)["resources"]["limits"]["memory"])
     for expected in (
-        "--user 1000:1000",
-        "--group-add 1000",
+        f"--user {CONTAINER_UID}:{CONTAINER_GID}",
+        f"--group-add {CONTAINER_GID}",
         "--read-only",
         "--security-opt no-new-privileges",
         "--cap-drop ALL",
@@ -465,8 +466,32 @@ def test_job_pod_completes_with_artifacts_on_the_volume(finished_volume):
     assert metrics["config"]["output_dir"] == "/outputs"
     assert metrics["test"]["accuracy"] > 0.5
     # Written by the image's user through the fsGroup-owned volume.
-    assert (finished_volume / "model.keras").stat().st_uid == 1000
-    assert (finished_volume / "model.keras").stat().st_gid == 1000
+    assert (finished_volume / "model.keras").stat().st_uid == CONTAINER_UID
+    assert (finished_volume / "model.keras").stat().st_gid == CONTAINER_GID
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("tag", ["cpu", "cuda"])
+def test_manifests_run_as_the_images_user(tag):
+    """runAsUser/runAsGroup name the image's own USER: the pod runs as the
+    user the image was made for, and runAsNonRoot holds without them too."""
+    image = require_image(tag)
+    user = subprocess.run(
+        [kubelet.DOCKER, "image", "inspect", "--format", "{{.Config.User}}", image],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    checked = []
+    for path in MANIFESTS:
+        for obj in objects(path.name):
+            if obj["kind"] not in WORKLOADS:
+                continue
+            spec = kubelet.pod_template(obj)
+            if not any(c["image"].endswith(f":{tag}") for c in spec["containers"]):
+                continue
+            security = spec["securityContext"]
+            assert f"{security['runAsUser']}:{security['runAsGroup']}" == user, path.name
+            checked.append(path.name)
+    assert checked, f"no manifest runs {image}"
 
 
 @pytest.mark.docker
