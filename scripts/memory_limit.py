@@ -59,7 +59,7 @@ def docker_run(target: str, limit_mib: int, image: str, name: str, npz: Path | N
         if npz is None:
             raise ValueError("the seed needs MNIST's npz")
         return [
-            *args, "--user", "1000:1000",
+            *args,
             "--volume", f"{ROOT / 'scripts'}:{SEED_DIR}:ro",
             "--volume", f"{npz.resolve()}:{SEED_NPZ}:ro",
             "--entrypoint", "python3", image,
