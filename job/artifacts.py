@@ -61,20 +61,21 @@ def _abandoned(tmp: Path, owner: str) -> bool:
     runs, or anyone, an hour ago."""
     host, pid, _ = [*owner.rsplit(".", 2), "", ""][:3]
     if host == socket.gethostname() and pid.isdigit():
-        return not _running(int(pid))
+        return not process_running(int(pid))
     try:
         return time.time() - tmp.lstat().st_mtime > ABANDONED_AFTER_SECONDS
     except OSError:
         return False
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process of this host has id `pid` (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

@@ -131,12 +131,11 @@ def _remove_orphans(tmp: Path) -> None:
     for orphan in tmp.glob(f"{PRIVATE_PREFIX}{_host()}-*-*"):
         pid = orphan.name.rsplit("-", 2)[1]
         try:
-            if pid.isdigit() and orphan.stat().st_uid == os.getuid():
-                os.kill(int(pid), 0)
-        except ProcessLookupError:
+            ours = pid.isdigit() and orphan.stat().st_uid == os.getuid()
+        except OSError:  # gone meanwhile
+            continue
+        if ours and not artifacts.process_running(int(pid)):
             shutil.rmtree(orphan, ignore_errors=True)
-        except OSError:  # alive but another user's, or gone meanwhile
-            pass
 
 
 def machine_key(deterministic: bool) -> str:
