@@ -10,6 +10,6 @@ compile() {
   pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
     --no-emit-index-url --no-emit-find-links --output-file "$out" "$@" pyproject.toml
 }
-compile requirements/cpu.txt --extra cpu
-compile requirements/cuda.txt --extra cuda
-compile requirements/dev.txt --extra cpu --extra dev
+compile requirements/cpu.txt --extra cpu --extra cloud
+compile requirements/cuda.txt --extra cuda --extra cloud
+compile requirements/dev.txt --extra cpu --extra cloud --extra dev
