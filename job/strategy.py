@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import join
+from job import jobset, join
 from job.config import TrainConfig
 from job.errors import ConfigError, DeviceError
 
@@ -30,7 +30,7 @@ class Cluster:
     spec: dict[str, list[str]]  # task type -> ["host:port", ...]
     task_type: str
     task_index: int
-    source: str  # "TF_CONFIG", "indexed-job" or "single"
+    source: str  # "TF_CONFIG", "kubeflow-trainer", "jobset", "indexed-job" or "single"
 
     @property
     def num_workers(self) -> int:
@@ -52,7 +52,8 @@ SINGLE = Cluster(spec={}, task_type="worker", task_index=0, source="single")
 
 
 def resolve_cluster(config: TrainConfig, environ=os.environ) -> Cluster:
-    """TF_CONFIG if set (Kubeflow, Vertex AI); else a Kubernetes Indexed Job.
+    """TF_CONFIG if set (Kubeflow, Vertex AI); else a pod of a Kubeflow
+    TrainJob or a JobSet (job/jobset.py); else a Kubernetes Indexed Job.
 
     In an Indexed Job whose pods have `subdomain: <service>`, pod i is named
     `<job>-<i>` and resolves as `<job>-<i>.<service>`, so every worker can
@@ -61,6 +62,10 @@ def resolve_cluster(config: TrainConfig, environ=os.environ) -> Cluster:
     raw = environ.get("TF_CONFIG", "").strip()
     if raw:
         return _parse_tf_config(raw)
+    derived = jobset.cluster(config.num_workers, config.worker_service, config.worker_port, environ)
+    if derived:
+        workers, index, source = derived
+        return Cluster({"worker": workers}, "worker", index, source)
     if config.num_workers == 1:
         return SINGLE
     index = environ.get("JOB_COMPLETION_INDEX")
