@@ -18,6 +18,7 @@ import math
 import shutil
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -181,11 +182,19 @@ def fingerprint(config: TrainConfig, train_size: int) -> dict:
 
 
 def restore(
-    config: TrainConfig, model, optimizer, steps_per_epoch: int, train_size: int, fresh: bool
+    config: TrainConfig,
+    model,
+    optimizer,
+    steps_per_epoch: int,
+    train_size: int,
+    fresh: bool,
+    discard: Callable[[], None] | None = None,
+    shown: Callable[[Path], str] = str,
 ) -> TrainState:
     """The state to train from: the checkpoint's, loaded into the model and the
     optimizer, or a new one (`fresh`, no checkpoint, or --overwrite of one that
-    cannot be resumed)."""
+    cannot be resumed). `discard`: forgets the training state (by default
+    discard_training_state); `shown`: where a path is, for the log."""
     expected = fingerprint(config, train_size)
     path = config.checkpoint_path
     try:
@@ -211,14 +220,14 @@ def restore(
         # settings, but a compatible one is still resumed: a preempted pod whose
         # spec says --overwrite must not throw away its progress on every restart.
         log.warning("--overwrite: starting over (%s)", err)
-        discard_training_state(config)
+        (discard or (lambda: discard_training_state(config)))()
         return TrainState(steps_per_epoch=steps_per_epoch, fingerprint=expected)
     model.set_weights(weights)
     for variable, value in zip(optimizer.variables, optimizer_values, strict=True):
         variable.assign(value)
     log.info(
         "Resuming from %s: epoch %d, step %d (global step %d)",
-        path,
+        shown(path),
         state.epoch + 1,
         state.step,
         state.global_step,

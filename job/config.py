@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from job import storage
 from job.errors import ConfigError
 
 STRATEGIES = ("auto", "default", "one-device", "mirrored", "multi-worker")
@@ -57,16 +58,23 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # TensorFlow op determinism: bit-identical reruns
 
-    # Data.
-    data_dir: Path = field(default_factory=default_data_dir)
+    # Data: a local dir, or a gs:// or s3:// prefix holding mnist.npz.
+    data_dir: Path | str = field(default_factory=default_data_dir)
     max_train_samples: int | None = None  # None: all 60,000
 
-    # Outputs. Platform conventions (Vertex AI, SageMaker) may redirect the
-    # model, checkpoints and TensorBoard logs; None means "under output_dir".
-    output_dir: Path = Path("outputs")
-    model_dir: Path | None = None
-    checkpoint_dir: Path | None = None
-    tensorboard_dir: Path | None = None
+    # Outputs: local dirs, or gs:// and s3:// URIs (job/mirror.py). Platform
+    # conventions (Vertex AI, SageMaker) may redirect the model, checkpoints
+    # and TensorBoard logs; None means "under output_dir".
+    output_dir: Path | str = Path("outputs")
+    model_dir: Path | str | None = None
+    checkpoint_dir: Path | str | None = None
+    tensorboard_dir: Path | str | None = None
+    # Vertex AI imports a model dir whose top holds the SavedModel: there, not
+    # in saved_model/ (set when AIP_MODEL_DIR gives the model dir).
+    saved_model_at_top: bool = False
+    # Where a run with bucket outputs writes them before uploading them;
+    # None: under the system's temp dir.
+    staging_dir: Path | None = None
     num_images: int = 5  # panels in predictions.png
     overwrite: bool = False  # replace a finished run in output_dir
     checkpoint_every: int | None = None  # steps; checkpoints also end every epoch
@@ -87,6 +95,9 @@ class TrainConfig:
     log_format: str = "auto"  # auto: progress bar on a terminal, lines otherwise
 
     def __post_init__(self) -> None:
+        for name in LOCATIONS:  # gs:// and s3:// URIs as str, local paths as Path
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, storage.location(value))
         positive = {
             "epochs": self.epochs,
             "batch-size": self.batch_size,
@@ -153,6 +164,8 @@ class TrainConfig:
 
     @property
     def saved_model_path(self) -> Path:
+        if self.saved_model_at_top and self.model_dir is not None:
+            return self.model_dir
         return (self.model_dir or self.output_dir) / "saved_model"
 
     @property
@@ -168,13 +181,13 @@ class TrainConfig:
         return self.output_dir / "metrics.json"
 
 
+LOCATIONS = ("data_dir", "output_dir", "model_dir", "checkpoint_dir", "tensorboard_dir")
 DEFAULTS = TrainConfig()
 
 
 # Platform conventions (Vertex AI, SageMaker), used where no flag or MNIST_JOB_*
-# variable sets the option (flag > MNIST_JOB_* > platform > default). Only local
-# paths count: a gs:// or s3:// URI is the platform's business, not a directory
-# we can write.
+# variable sets the option (flag > MNIST_JOB_* > platform > default). Vertex
+# AI gives gs:// URIs; SageMaker local paths it syncs with S3 itself.
 PLATFORM_ENV = {
     "model_dir": ("AIP_MODEL_DIR", "SM_MODEL_DIR"),
     "checkpoint_dir": ("AIP_CHECKPOINT_DIR",),
@@ -182,6 +195,9 @@ PLATFORM_ENV = {
     "output_dir": ("SM_OUTPUT_DATA_DIR",),
     "data_dir": ("SM_CHANNEL_TRAINING",),
 }
+
+
+SAGEMAKER_CHECKPOINT_DIR = Path("/opt/ml/checkpoints")
 
 
 def from_options(options: dict, environ=os.environ) -> TrainConfig:
@@ -201,10 +217,15 @@ def apply_platform_env(options: dict, environ=os.environ) -> dict:
         if options.get(name) is not None:
             continue
         for variable in variables:
-            value = environ.get(variable, "")
-            if value and "://" not in value:
-                options[name] = Path(value)
+            if value := environ.get(variable, ""):
+                options[name] = storage.location(value)
+                if variable == "AIP_MODEL_DIR":
+                    options.setdefault("saved_model_at_top", True)
                 break
+    if options.get("checkpoint_dir") is None and environ.get("SM_MODEL_DIR"):
+        # SageMaker syncs this dir with the job's checkpoint S3 URI and
+        # restores it into a replacement (spot) instance.
+        options["checkpoint_dir"] = SAGEMAKER_CHECKPOINT_DIR
     return {name: value for name, value in options.items() if value is not None}
 
 

@@ -54,7 +54,10 @@ def configure(verbosity: int, log_format: str, stream=None) -> logging.Handler:
     # TensorFlow's own INFO lines repeat what the job logs (the strategy), plan
     # every collective (a dozen lines per worker) or name internals (the
     # SavedModel's temporary path): shown with --verbose only.
-    logging.getLogger("tensorflow").setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
+    # The object stores' clients say at INFO where they found credentials and
+    # endpoints, once per client: --verbose only too.
+    for name in ("tensorflow", "botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
     logging.captureWarnings(True)  # Python warnings too, in the same format
     return handler
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from job import storage
 from job.config import (
     DEFAULTS,
     DEVICES,
@@ -20,6 +21,7 @@ from job.config import (
     MAX_SEED,
     STRATEGIES,
 )
+from job.errors import ConfigError
 
 
 def option(*decls: str, **kwargs):
@@ -59,14 +61,29 @@ class DirectoryPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class Location(DirectoryPath):
+    """A local directory, or a gs:// or s3:// URI (job/storage.py)."""
+
+    name = "path or URI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "://" in value:
+            try:
+                return storage.location(value)
+            except ConfigError as err:
+                self.fail(str(err), param, ctx)
+        return super().convert(value, param, ctx)
+
+
 PATH = DirectoryPath()
+LOCATION = Location()
 POSITIVE = click.IntRange(min=1)
 
 data_dir_option = option(
     "--data-dir",
-    type=PATH,
+    type=LOCATION,
     default=None,
-    help=f"MNIST cache directory. [default: {DEFAULTS.data_dir}]",
+    help=f"MNIST cache directory, or a gs:// or s3:// prefix. [default: {DEFAULTS.data_dir}]",
     show_default=False,
 )
 
@@ -82,9 +99,9 @@ compile_cache_option = option(
 
 output_dir_option = option(
     "--output-dir",
-    type=PATH,
+    type=LOCATION,
     default=None,
-    help="Where artifacts go. [default: outputs]",
+    help="Where artifacts go: a dir, or a gs:// or s3:// prefix. [default: outputs]",
     show_default=False,
 )
 num_workers_option = option(
@@ -202,7 +219,7 @@ TRAIN_OPTIONS = (
     ),
     option(
         "--model-dir",
-        type=PATH,
+        type=LOCATION,
         default=None,
         help="model.keras and saved_model/ go here. "
         "[default: the output dir, or AIP_MODEL_DIR / SM_MODEL_DIR]",
@@ -210,17 +227,25 @@ TRAIN_OPTIONS = (
     ),
     option(
         "--checkpoint-dir",
-        type=PATH,
+        type=LOCATION,
         default=None,
         help="Checkpoints go here. [default: <output-dir>/checkpoints, or AIP_CHECKPOINT_DIR]",
         show_default=False,
     ),
     option(
         "--tensorboard-dir",
-        type=PATH,
+        type=LOCATION,
         default=None,
         help="TensorBoard logs go here. "
         "[default: <output-dir>/tensorboard, or AIP_TENSORBOARD_LOG_DIR]",
+        show_default=False,
+    ),
+    option(
+        "--staging-dir",
+        type=PATH,
+        default=None,
+        help="Where a run with gs:// or s3:// outputs writes them before uploading. "
+        "[default: <temp dir>/mnist-job-staging]",
         show_default=False,
     ),
     option(

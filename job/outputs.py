@@ -22,6 +22,7 @@ import numpy as np
 from job import artifacts, checkpoint, dirlock
 from job.config import TrainConfig
 from job.errors import ConfigError
+from job.mirror import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,23 @@ class Trained:
 
 
 @contextlib.contextmanager
-def claimed(config: TrainConfig, is_chief: bool) -> Iterator[None]:
+def claimed(config: TrainConfig, is_chief: bool, mirror: Mirror | None = None) -> Iterator[None]:
     """The output dir, held by this run for the block. Fails before anything
     else if a dir we write cannot take files, if another run holds the output
     dir, or if it holds a finished run that is not to be replaced. Only the
     chief writes and holds the lock; every worker refuses a finished run, so
-    that none waits for a chief that will not come."""
+    that none waits for a chief that will not come. `config` is the run's
+    local one (mirror.local); the mirror checks and locks the bucket dirs."""
+    mirror = mirror or Mirror(config)
     if is_chief:
         _check_writable(config)
-        with dirlock.held(config.output_dir):
-            _refuse_finished_run(config)
+        with dirlock.held(config.output_dir), mirror.claimed(is_chief):
+            _refuse_finished_run(config, mirror)
             yield
     else:
-        _refuse_finished_run(config)
-        yield
+        with mirror.claimed(is_chief):
+            _refuse_finished_run(config, mirror)
+            yield
 
 
 def _check_writable(config: TrainConfig) -> None:
@@ -67,7 +71,14 @@ def _check_writable(config: TrainConfig) -> None:
             artifacts.ensure_writable_dir(path, what)
 
 
-def _refuse_finished_run(config: TrainConfig) -> None:
+def finished(config: TrainConfig, mirror: Mirror) -> bool:
+    """Whether the output dir (in the bucket, if it is one) holds a finished run."""
+    return mirror.finished() if mirror.output_uri else config.metrics_path.exists()
+
+
+def _refuse_finished_run(config: TrainConfig, mirror: Mirror) -> None:
+    if mirror.output_uri:
+        return  # the mirror refused it, from the bucket
     if config.metrics_path.exists() and not config.overwrite:
         raise ConfigError(
             f"{config.output_dir} holds a finished run (metrics.json): "
@@ -75,15 +86,27 @@ def _refuse_finished_run(config: TrainConfig) -> None:
         )
 
 
-def discard_finished_run(config: TrainConfig) -> None:
-    log.warning("--overwrite: replacing the finished run in %s", config.output_dir)
+def discard_finished_run(config: TrainConfig, mirror: Mirror | None = None) -> None:
+    mirror = mirror or Mirror(config)
+    log.warning("--overwrite: replacing the finished run in %s", mirror.shown(config.output_dir))
     # The metrics go first, so an interrupted overwrite never looks finished;
     # then the old model, which predict and evaluate would otherwise still use
     # beside the new run's checkpoint.
     config.metrics_path.unlink(missing_ok=True)
+    mirror.delete(config.metrics_path)
     config.model_path.unlink(missing_ok=True)
+    mirror.delete(config.model_path)
     shutil.rmtree(config.saved_model_path, ignore_errors=True)
+    mirror.delete(config.saved_model_path)
+    discard_training_state(config, mirror)
+
+
+def discard_training_state(config: TrainConfig, mirror: Mirror | None = None) -> None:
+    mirror = mirror or Mirror(config)
+    """The checkpoint and logs, local and in the bucket."""
     checkpoint.discard_training_state(config)
+    mirror.delete(config.checkpoint_path.parent)
+    mirror.delete(config.tensorboard_path)
 
 
 def metrics(
@@ -141,9 +164,18 @@ def versions() -> dict:
     }
 
 
-def publish(config: TrainConfig, trained: Trained, metrics: dict, summaries, started: float):
-    """The chief's last act: every artifact, then metrics.json. `started`: the
-    run's perf_counter() start, for the total time it records."""
+def publish(
+    config: TrainConfig,
+    trained: Trained,
+    metrics: dict,
+    summaries,
+    started: float,
+    mirror: Mirror | None = None,
+):
+    """The chief's last act: every artifact, then metrics.json, on disk and
+    then in the bucket. `started`: the run's perf_counter() start, for the
+    total time it records."""
+    mirror = mirror or Mirror(config)
     artifacts_started = time.perf_counter()
     epochs_done = len(metrics["history"])
     _write_artifacts(config, trained, summaries, epochs_done)
@@ -154,11 +186,14 @@ def publish(config: TrainConfig, trained: Trained, metrics: dict, summaries, sta
         metrics["test"],
         step=epochs_done,
     )
+    summaries.flush()
+    mirror.publish_artifacts()
     # Last, so that its presence means the run finished.
     artifacts.write_json(config.metrics_path, metrics)
+    mirror.publish_metrics()
     log.info(
         "Wrote model, logs, predictions and metrics to %s",
-        config.output_dir,
+        mirror.shown(config.output_dir),
         extra={"event": "end", "test": metrics["test"], "timings": metrics["timings"]},
     )
 
@@ -168,8 +203,10 @@ def _write_artifacts(config: TrainConfig, trained: Trained, summaries, epochs_do
     from job.plots import predictions_panel
 
     saved = _model_for_users(config, trained)
-    artifacts.save_keras_model(saved, config.model_path)
+    # The SavedModel first: at the top of the model dir (Vertex AI's layout),
+    # it replaces the whole dir.
     artifacts.export_saved_model(saved, config.saved_model_path)
+    artifacts.save_keras_model(saved, config.model_path)
 
     images, labels = trained.test_images, trained.test_labels
     probabilities = trained.evaluation.probabilities

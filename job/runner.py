@@ -17,6 +17,7 @@ from job import checkpoint, collector, compile_cache, errors, logs, outputs, sig
 from job.config import TrainConfig
 from job.errors import ConfigError, Diverged, Terminated, WorkerLost
 from job.logs import Progress
+from job.mirror import Mirror
 from job.strategy import Cluster, Placement, log_placement, resolve_cluster, setup
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,19 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
     """
     started = time.perf_counter()
     cluster = resolve_cluster(config)
+    # Bucket outputs are written to a staging dir, then uploaded (job/mirror.py).
+    mirror = Mirror(config, task=f"{cluster.task_type}-{cluster.task_index}")
     with (
         errors.explained(),
         sigterm.handled() as termination,
         collector.paused() as startup_done,
         _task_fields(cluster),
-        outputs.claimed(config, cluster.is_chief),
+        outputs.claimed(mirror.local, cluster.is_chief, mirror),
     ):
-        job = _prepare(config, cluster, datasets, strategy)
+        job = _prepare(mirror.local, cluster, datasets, strategy, mirror)
         from job.summaries import Summaries
 
-        log_dir = config.tensorboard_path if cluster.is_chief else None
+        log_dir = job.config.tensorboard_path if cluster.is_chief else None
         with contextlib.closing(Summaries(log_dir)) as summaries:
             summaries.graph(job.trainer.model)
             startup_done()  # the collector runs again during training, over new objects only
@@ -61,7 +64,8 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
 class _Job:
     """What the steps of one run share: made by _prepare, used by _train and _finish."""
 
-    config: TrainConfig
+    config: TrainConfig  # local paths only: bucket dirs replaced by staging dirs
+    mirror: Mirror  # uploads what the chief writes to the bucket dirs, if any
     placement: Placement
     trainer: object  # job.loop.Trainer, holding the model and its optimizer
     train: _InMemory
@@ -72,11 +76,11 @@ class _Job:
     timings: dict  # seconds per phase, as metrics.json records them
 
 
-def _prepare(config: TrainConfig, cluster: Cluster, datasets, strategy) -> _Job:
+def _prepare(config: TrainConfig, cluster: Cluster, datasets, strategy, mirror: Mirror) -> _Job:
     """Checks, devices, data, the model and the state to train from. Nothing
     of a finished run is deleted before every check has passed."""
     # Every worker decides this before the chief deletes anything.
-    replaces_finished_run = config.overwrite and config.metrics_path.exists()
+    replaces_finished_run = config.overwrite and outputs.finished(config, mirror)
     # Several workers' steps are not XLA-compiled.
     uses_cache = config.compile_cache is not None and not cluster.is_multi_worker
     with compile_cache.binding(enabled=uses_cache):
@@ -113,14 +117,25 @@ def _prepare(config: TrainConfig, cluster: Cluster, datasets, strategy) -> _Job:
     if replaces_finished_run and cluster.is_chief:
         # Only now: an option, the device or the data that fails its check
         # must leave the finished run as it was.
-        outputs.discard_finished_run(config)
+        outputs.discard_finished_run(config, mirror)
+    if not replaces_finished_run:
+        mirror.fetch_checkpoint()
     state = checkpoint.restore(
-        config, model, optimizer, steps_per_epoch, train.size, fresh=replaces_finished_run
+        config,
+        model,
+        optimizer,
+        steps_per_epoch,
+        train.size,
+        fresh=replaces_finished_run,
+        discard=lambda: outputs.discard_training_state(config, mirror),
+        shown=mirror.shown,
     )
     if cluster.is_multi_worker:
         _check_workers_agree(placement.strategy, state.global_step)
     resumed_from = {"epoch": state.epoch, "step": state.step} if state.global_step else None
-    return _Job(config, placement, trainer, train, test, test_arrays, state, resumed_from, timings)
+    return _Job(
+        config, mirror, placement, trainer, train, test, test_arrays, state, resumed_from, timings
+    )
 
 
 def _train(job: _Job, summaries, termination: sigterm.Sigterm) -> None:
@@ -163,13 +178,14 @@ def _train(job: _Job, summaries, termination: sigterm.Sigterm) -> None:
         raise WorkerLost(
             f"lost contact with another worker at epoch {state.epoch + 1}, step {state.step} "
             f"({errors.abort_reason(err)}); rerun every worker to resume from the last "
-            f"checkpoint in {config.checkpoint_path.parent}"
+            f"checkpoint in {job.mirror.shown(config.checkpoint_path.parent)}"
         ) from err
     job.timings["fit_seconds"] = time.perf_counter() - started
     if not finished:
         raise Terminated(
-            f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}: "
-            f"checkpoint saved in {config.checkpoint_path.parent}; rerun the same command to resume"
+            f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}: checkpoint "
+            f"saved in {job.mirror.shown(config.checkpoint_path.parent)}; rerun the same "
+            "command to resume"
         )
 
 
@@ -185,12 +201,12 @@ def _finish(job: _Job, summaries, started: float) -> RunResult:
         extra={"event": "test", "loss": evaluation.loss, "accuracy": evaluation.accuracy},
     )
     metrics = outputs.metrics(
-        job.config, job.placement, job.state, evaluation, job.resumed_from, job.timings
+        job.mirror.config, job.placement, job.state, evaluation, job.resumed_from, job.timings
     )
     model = job.trainer.model
     if job.placement.is_chief:
         trained = outputs.Trained(model, job.trainer.optimizer, evaluation, *job.test_arrays)
-        outputs.publish(job.config, trained, metrics, summaries, started)
+        outputs.publish(job.config, trained, metrics, summaries, started, job.mirror)
     return RunResult(metrics, model, workers=metrics["devices"]["workers"])
 
 
@@ -212,7 +228,7 @@ class _TrainingEvents:
     a log line and TensorBoard scalars per epoch, and the progress line."""
 
     def __init__(self, job: _Job, summaries):
-        self.config, self.summaries = job.config, summaries
+        self.config, self.summaries, self.mirror = job.config, summaries, job.mirror
         self.model, self.optimizer = job.trainer.model, job.trainer.optimizer
         self.is_chief = job.placement.is_chief
         self.progress = Progress(
@@ -225,6 +241,7 @@ class _TrainingEvents:
             checkpoint.save(
                 self.config.checkpoint_path, self.model.get_weights(), optimizer_values, state
             )
+            self.mirror.checkpoint_saved()
 
     def epoch_end(self, state: checkpoint.TrainState, record: dict) -> None:
         log.info(
@@ -243,6 +260,8 @@ class _TrainingEvents:
         # .numpy(): under a distribution strategy this is a mirrored variable.
         learning_rate = float(self.optimizer.learning_rate.numpy())
         self.summaries.epoch(record, learning_rate=learning_rate)
+        if self.is_chief:
+            self.mirror.logs_written()
         self.progress.update(state.epoch, 0)
 
     def chunk_end(self, state: checkpoint.TrainState, mean_loss: float) -> None:

@@ -69,16 +69,41 @@ def test_platform_env_fills_unset_options_and_flags_win(tmp_path):
     environ = {
         "AIP_MODEL_DIR": str(tmp_path / "model"),
         "AIP_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
-        "AIP_TENSORBOARD_LOG_DIR": "gs://bucket/logs",  # a URI is not a local path
+        "AIP_TENSORBOARD_LOG_DIR": "gs://bucket/logs/",  # Vertex AI gives URIs
         "SM_CHANNEL_TRAINING": str(tmp_path / "data"),
         "SM_OUTPUT_DATA_DIR": str(tmp_path / "sm-out"),
     }
     options = apply_platform_env({"model_dir": None, "output_dir": Path("flag")}, environ)
     assert options["model_dir"] == tmp_path / "model"
+    assert options["saved_model_at_top"] is True  # where Vertex AI imports a model from
     assert options["checkpoint_dir"] == tmp_path / "ckpt"
-    assert "tensorboard_dir" not in options
+    assert options["tensorboard_dir"] == "gs://bucket/logs"
     assert options["data_dir"] == tmp_path / "data"
     assert options["output_dir"] == Path("flag")  # the flag wins over SM_OUTPUT_DATA_DIR
+
+
+def test_vertex_ai_uris_and_fuse_paths_are_the_same_bucket():
+    built = from_options({}, {"AIP_MODEL_DIR": "gs://b/model", "AIP_CHECKPOINT_DIR": "/gcs/b/ckpt"})
+    assert built.model_dir == "gs://b/model"
+    assert built.checkpoint_dir == "gs://b/ckpt"  # written through the API: FUSE has no rename
+    assert built.saved_model_at_top
+
+
+def test_sagemaker_checkpoints_go_where_it_syncs_them(tmp_path):
+    built = from_options({}, {"SM_MODEL_DIR": str(tmp_path / "model")})
+    assert built.checkpoint_dir == Path("/opt/ml/checkpoints")
+    assert not built.saved_model_at_top
+    flagged = from_options({"checkpoint_dir": tmp_path / "c"}, {"SM_MODEL_DIR": "/opt/ml/model"})
+    assert flagged.checkpoint_dir == tmp_path / "c"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("ftp://host/x", "only local paths, gs:// and s3://"), ("s3:///x", "no bucket name")],
+)
+def test_other_uris_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(output_dir=value)
 
 
 def test_from_options_reads_platform_variables_and_no_compile_cache(tmp_path):
