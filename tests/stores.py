@@ -137,3 +137,51 @@ def stores() -> Iterator[dict[str, Store]]:
 def store(request, stores) -> Store:
     """Each local store in turn."""
     return stores[request.param]
+
+
+class FlakyProxy:
+    """A TCP proxy to `target` (host, port) that can cut the network: while
+    `down`, it drops every connection, as a failing network would."""
+
+    def __init__(self, target_url: str):
+        import threading
+
+        host, port = target_url.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.down = False
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            self._threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(self.target) as upstream:
+            pumps = [
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                for a, b in ((client, upstream), (upstream, client))
+            ]
+            for pump in pumps:
+                pump.start()
+            for pump in pumps:
+                pump.join()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not self.down and (data := source.recv(65536)):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
