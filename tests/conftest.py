@@ -12,6 +12,9 @@ from tests.tiny import tiny_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The object-store fixtures (`stores`, `store`): local S3 and GCS servers.
+pytest_plugins = ["tests.stores"]
+
 # The job as users get it: the compile cache off unless a test asks for one,
 # never the cache of whoever runs the tests.
 os.environ.pop("MNIST_JOB_COMPILE_CACHE", None)

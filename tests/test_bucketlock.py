@@ -18,7 +18,6 @@ import pytest
 
 from job import bucketlock, storage
 from job.errors import ConfigError
-from tests.stores import store, stores  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

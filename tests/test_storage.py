@@ -8,7 +8,7 @@ import pytest
 
 from job import storage
 from job.errors import ConfigError, JobError
-from tests.stores import S3_CREDENTIALS, moto_server, store, stores  # noqa: F401
+from tests.stores import moto_server
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_files_and_trees_round_trip(store, tmp_path):
 def test_a_missing_bucket_is_a_usage_error(store):
     uri = f"{store.scheme}://no-such-bucket-here/run"
     assert not storage.exists(storage.join(uri, "metrics.json"))
-    with pytest.raises(ConfigError, match="no-such-bucket-here.*is not writable.*no such bucket"):
+    with pytest.raises(ConfigError, match=r"no-such-bucket-here.*is not writable.*no such bucket"):
         storage.check_writable(uri, "output dir")
 
 
