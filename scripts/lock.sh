@@ -13,3 +13,6 @@ compile() {
 compile requirements/cpu.txt --extra cpu --extra cloud
 compile requirements/cuda.txt --extra cuda --extra cloud
 compile requirements/dev.txt --extra cpu --extra cloud --extra dev
+# The policy scanner of `make k8s-validate`, in a venv of its own.
+pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+  --no-emit-index-url --no-emit-find-links --output-file requirements/policy.txt requirements/policy.in

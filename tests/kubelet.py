@@ -54,10 +54,24 @@ def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 
 def pod_template(workload: dict) -> dict:
-    """The pod spec of a Job or Deployment, or of a Pod itself."""
+    """The pod spec of a Job or Deployment, of a Pod itself, or of the first
+    replicated Job of a JobSet or a Kubeflow (Cluster)TrainingRuntime."""
     if workload["kind"] == "Pod":
         return workload["spec"]
+    if workload["kind"] in REPLICATED:
+        return replicated_jobs(workload)[0]["template"]["spec"]["template"]["spec"]
     return workload["spec"]["template"]["spec"]
+
+
+REPLICATED = ("JobSet", "ClusterTrainingRuntime", "TrainingRuntime")
+
+
+def replicated_jobs(workload: dict) -> list[dict]:
+    """The replicatedJobs of a JobSet, or of the JobSet a runtime describes."""
+    spec = workload["spec"]
+    if workload["kind"] != "JobSet":
+        spec = spec["template"]["spec"]
+    return spec["replicatedJobs"]
 
 
 def image_for(image: str) -> str:
@@ -118,6 +132,54 @@ def failure_action(
             if condition["type"] in conditions and condition.get("status", "True") == "True":
                 return rule["action"]
     return "Count"
+
+
+def jobset_action(
+    workload: dict, exit_code: int, conditions: tuple[str, ...] = (), container: str | None = None
+) -> str | None:
+    """What JobSet does when a pod of its first replicated Job ends with
+    `exit_code`: the child Job's podFailurePolicy decides whether (and with
+    which reason and message) the Job fails, then the JobSet's failurePolicy
+    rules match that reason and message, as the two controllers do. None
+    for success; "Ignore" or "Count" when the Job itself retries the pod; else
+    the JobSet's action (default RestartJobSet). Works for a runtime's too."""
+    if exit_code == 0:
+        return None
+    job_spec = replicated_jobs(workload)[0]["template"]["spec"]
+    reason = message = None
+    for index, rule in enumerate(job_spec.get("podFailurePolicy", {}).get("rules", [])):
+        on_codes = rule.get("onExitCodes")
+        if on_codes and (exit_code in on_codes["values"]) == (on_codes["operator"] == "In"):
+            message = (
+                f"Container {on_codes.get('containerName', container)} for pod ns/pod failed "
+                f"with exit code {exit_code} matching {rule['action']} rule at index {index}"
+            )
+        for condition in rule.get("onPodConditions", []):
+            if condition["type"] in conditions and message is None:
+                message = (
+                    f"Pod ns/pod has condition {condition['type']} matching "
+                    f"{rule['action']} rule at index {index}"
+                )
+        if message:
+            if rule["action"] != "FailJob":
+                return rule["action"]
+            reason = "PodFailurePolicy"
+            break
+    if reason is None:
+        if job_spec.get("backoffLimit", 6) > 0:
+            return "Count"
+        reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    spec = (
+        workload["spec"] if workload["kind"] == "JobSet" else workload["spec"]["template"]["spec"]
+    )
+    for rule in spec.get("failurePolicy", {}).get("rules", []):
+        reasons = rule.get("onJobFailureReasons", [])
+        patterns = rule.get("onJobFailureMessagePatterns", [])
+        if (not reasons or reason in reasons) and (
+            not patterns or any(re.search(pattern, message) for pattern in patterns)
+        ):
+            return rule["action"]
+    return "RestartJobSet"
 
 
 # -- pods as containers ---------------------------------------------------------------

@@ -1,17 +1,21 @@
 """The Kubernetes manifests in k8s/: valid for the API server, consistent with
 the job they run, and working when a kubelet runs them.
 
-No cluster here: the schemas come from kubernetes-validate, and the docker
-tests run each pod template with docker as a kubelet would (tests/kubelet.py).
+No cluster here: the schemas come from kubernetes-validate and, for JobSet and
+Kubeflow Trainer, from their CRDs (K8S_CRDS, by default ../shared/crds: the
+tests skip without them, except in CI); the docker tests run each pod
+template with docker as a kubelet would (tests/kubelet.py).
 The docker tests shrink the runs through the same MNIST_JOB_* variables the
 manifests use (MNIST_JOB_EPOCHS=1, MNIST_JOB_MAX_TRAIN_SAMPLES=2000) to stay fast.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,8 +34,10 @@ from tests.conftest import ROOT
 from tests.docker_helpers import CONTAINER_GID, CONTAINER_UID, require_image
 
 K8S = ROOT / "k8s"
-MANIFESTS = sorted(K8S.glob("*.yaml"))
+MANIFESTS = sorted([*K8S.glob("*.yaml"), *K8S.glob("trainer/*.yaml")])
+NAMES = [str(p.relative_to(K8S)) for p in MANIFESTS]
 JOB_FILES = ["job.yaml", "job-gpu.yaml", "multi-worker.yaml"]
+CRDS = Path(os.environ.get("K8S_CRDS") or ROOT.parent / "shared" / "crds")
 # Oldest with podFailurePolicy GA (1.31) and the newest the validator knows.
 KUBERNETES_VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
 ARTIFACTS = [
@@ -43,7 +49,8 @@ ARTIFACTS = [
     "tensorboard/train",
     "tensorboard/validation",
 ]
-WORKLOADS = ("Job", "Deployment", "Pod")
+WORKLOADS = ("Job", "Deployment", "Pod", "JobSet", "ClusterTrainingRuntime")
+TRAINING = ("Job", "JobSet", "TrainJob")  # what Kueue admits
 SMALL_RUN = {"MNIST_JOB_EPOCHS": "1", "MNIST_JOB_MAX_TRAIN_SAMPLES": "2000"}
 
 
@@ -60,11 +67,12 @@ def trainer(workload: dict) -> dict:
 
 
 def env_of(container: dict) -> dict[str, str]:
-    return {var["name"]: var["value"] for var in container.get("env", [])}
+    """Its plain values (the downward API's come from the pod: kubelet.py)."""
+    return {var["name"]: var["value"] for var in container.get("env", []) if "value" in var}
 
 
 def all_workloads():
-    for name in (p.name for p in MANIFESTS):
+    for name in NAMES:
         for obj in objects(name):
             if obj["kind"] in WORKLOADS:
                 yield name, obj
@@ -74,19 +82,57 @@ def all_workloads():
 
 
 def test_the_manifests_are_the_expected_ones():
-    assert {p.name for p in MANIFESTS} >= {*JOB_FILES, "tensorboard.yaml"}
+    assert set(NAMES) >= {*JOB_FILES, "tensorboard.yaml", "jobset.yaml", "trainer/trainjob.yaml"}
 
 
-@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_matches_the_kubernetes_schemas(path, version):
-    docs = kubelet.load(path)
-    assert docs
-    for doc in docs:
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {err.message}")
+def k8s_validate():
+    """scripts/k8s_validate.py, the checker of `make k8s-validate`."""
+    spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "scripts/k8s_validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def require_crds() -> Path:
+    if not (CRDS / "jobset.x-k8s.io_jobsets.yaml").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"no JobSet/Trainer CRDs in {CRDS}: CI must validate the custom resources")
+        pytest.skip(f"no JobSet/Trainer CRDs in {CRDS} (set K8S_CRDS)")
+    return CRDS
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=NAMES)
+def test_manifest_matches_the_kubernetes_schemas_and_crds(path):
+    """Strict: core objects for the oldest and newest Kubernetes; JobSet,
+    TrainJob and runtimes against their CRDs, their Job templates as core Jobs."""
+    problems = k8s_validate().validate([path], require_crds(), KUBERNETES_VERSIONS, None)
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "message"),
+    [
+        # A misspelled field: the API server would drop it silently.
+        ("jobset.yaml", "enableDNSHostnames:", "enableDnsHostnames:", "'enableDnsHostnames' was"),
+        ("trainer/trainjob.yaml", "numNodes: 2", "numNode: 2", "'numNode' was unexpected"),
+        ("trainer/runtime.yaml", "mlPolicy:", "mlPolicies:", "'mlPolicies' was unexpected"),
+        # A core field of the wrong type inside the pod template.
+        (
+            "jobset.yaml",
+            "containerPort: 2222",
+            'containerPort: "2222"',
+            "as a Job: Kubernetes 1.31.0: spec.template.spec.containers.0.ports.0",
+        ),
+        ("trainer/runtime.yaml", "runAsUser: 10001", "runAsUser: root", "runAsUser"),
+    ],
+)
+def test_validation_catches_mistakes_in_custom_resources(tmp_path, name, old, new, message):
+    text = (K8S / name).read_text()
+    assert old in text
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text.replace(old, new, 1))
+    problems = k8s_validate().validate([broken], require_crds(), KUBERNETES_VERSIONS, None)
+    assert any(message in problem for problem in problems), problems
 
 
 def test_manifests_pass_yamllint():
@@ -107,7 +153,7 @@ def test_manifests_pass_yamllint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", [p.name for p in MANIFESTS])
+@pytest.mark.parametrize("name", NAMES)
 def test_each_file_stands_alone(name):
     """`kubectl apply -f` on one file: every claim a Job mounts is in the
     same file (TensorBoard reads the claim of k8s/job.yaml, documented)."""
@@ -221,8 +267,10 @@ def test_jobs_retry_within_bounds(name):
     assert spec.get("backoffLimit", 0) > 0 or spec.get("backoffLimitPerIndex", 0) > 0
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] > 0
-    # The SIGTERM checkpoint needs more than a moment.
-    assert pod["terminationGracePeriodSeconds"] >= 30
+    # The SIGTERM checkpoint took up to 2.7 s (one pod) and 8.9 s (two
+    # workers sharing 2 cores); the docker tests stop pods with this grace
+    # period and expect exit 143, not a SIGKILL.
+    assert 15 <= pod["terminationGracePeriodSeconds"] <= 30
 
 
 def test_image_tags_are_the_ones_make_builds():
@@ -247,7 +295,7 @@ def test_image_tags_are_the_ones_make_builds():
     assert images["job.yaml"] == f"{repository}:cpu"
 
 
-@pytest.mark.parametrize("name", [p.name for p in MANIFESTS])
+@pytest.mark.parametrize("name", NAMES)
 def test_pods_run_restricted(name):
     """The restricted Pod Security Standard, plus a read-only root and the
     image's uid:gid (>= 10000) with fsGroup so the volume is writable."""
@@ -270,14 +318,10 @@ def test_pods_run_restricted(name):
             assert not security["capabilities"].get("add")
             resources = container["resources"]
             assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"])
-
-
-@pytest.mark.parametrize("name", ["job.yaml", "multi-worker.yaml"])
-def test_cpu_jobs_are_guaranteed_qos(name):
-    """requests == limits: the last pods a node evicts under pressure."""
-    resources = trainer(job_of(name))["resources"]
-    for key in ("cpu", "memory"):
-        assert resources["requests"][key] == resources["limits"][key]
+            # Guaranteed QoS (the last pods a node evicts), and a quota
+            # (Kueue's) counts what the pod may really use.
+            for key in ("cpu", "memory"):
+                assert resources["requests"][key] == resources["limits"][key], name
 
 
 def test_gpu_job_asks_for_a_gpu_and_insists_on_it(monkeypatch):
@@ -342,6 +386,202 @@ def test_multi_worker_failures_restart_the_group_not_loop():
     assert spec["maxFailedIndexes"] == 0
     # A replacement waits for the pod it replaces: one pod per hostname.
     assert spec["podReplacementPolicy"] == "Failed"
+
+
+GROUPS = {  # file -> the workload that runs a group of workers
+    "jobset.yaml": "JobSet",
+    "trainer/runtime.yaml": "ClusterTrainingRuntime",
+}
+
+
+@pytest.mark.parametrize("name", GROUPS)
+def test_a_failed_worker_restarts_the_whole_group_within_bounds(name):
+    """JobSet's failurePolicy on the child Job's failure, as the controllers
+    apply them: configuration errors fail at once, preemption restarts the
+    group without using a restart, a crash restarts it and counts."""
+    workload = kubelet.find(objects(name), GROUPS[name])
+    job_spec = kubelet.replicated_jobs(workload)[0]["template"]["spec"]
+    container = kubelet.pod_template(workload)["containers"][0]["name"]
+    assert job_spec["backoffLimit"] == 0  # no pod is replaced alone
+    expected = {
+        ExitCode.USAGE: "FailJobSet",
+        ExitCode.DATA: "FailJobSet",
+        ExitCode.DEVICE: "FailJobSet",
+        ExitCode.TERMINATED: "RestartJobSetAndIgnoreMaxRestarts",
+        ExitCode.FAILURE: "RestartJobSet",  # counts against maxRestarts
+        137: "RestartJobSet",
+    }
+    for code, action in expected.items():
+        assert kubelet.jobset_action(workload, int(code), container=container) == action, code
+    for code in (1, 137, 143):
+        disrupted = kubelet.jobset_action(workload, code, ("DisruptionTarget",), container)
+        assert disrupted == "RestartJobSetAndIgnoreMaxRestarts"
+    spec = workload["spec"] if GROUPS[name] == "JobSet" else workload["spec"]["template"]["spec"]
+    assert 1 <= spec["failurePolicy"]["maxRestarts"] <= 5
+    assert job_spec["activeDeadlineSeconds"] > 0
+
+
+def jobset_pod_env(workload: dict, job_index: int, pod_index: int, name: str) -> dict:
+    """The env a JobSet's pod sees: its downward-API values as JobSet labels
+    the pod, and JOB_COMPLETION_INDEX from the Job controller."""
+    replicated = kubelet.replicated_jobs(workload)[0]
+    labels = {
+        "jobset.sigs.k8s.io/jobset-name": name,
+        "jobset.sigs.k8s.io/replicatedjob-name": replicated["name"],
+        "jobset.sigs.k8s.io/job-index": str(job_index),
+        "jobset.sigs.k8s.io/replicatedjob-replicas": str(replicated.get("replicas", 1)),
+    }
+    env = {"JOB_COMPLETION_INDEX": str(pod_index)}
+    for var in kubelet.pod_template(workload)["containers"][0]["env"]:
+        path = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+        found = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+        if found:
+            env[var["name"]] = labels[found.group(1)]
+    env["HOSTNAME"] = f"{name}-{replicated['name']}-{job_index}-{pod_index}"
+    return env
+
+
+def test_jobset_workers_derive_one_cluster_from_what_jobset_gives(monkeypatch):
+    jobset = kubelet.find(objects("jobset.yaml"), "JobSet")
+    name = jobset["metadata"]["name"]
+    replicated = kubelet.replicated_jobs(jobset)[0]
+    spec = replicated["template"]["spec"]
+    container = trainer(jobset)
+    assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+    assert spec["completionMode"] == "Indexed"
+    assert spec["parallelism"] == spec["completions"]
+    workers = replicated["replicas"] * spec["parallelism"]
+    addresses = set()
+    for index in range(workers):
+        environ = jobset_pod_env(
+            jobset, index // spec["parallelism"], index % spec["parallelism"], name
+        )
+        config = parse_train(container, monkeypatch, {})
+        assert config.num_workers == workers
+        cluster = resolve_cluster(config, environ)
+        assert (cluster.source, cluster.task_index, cluster.is_chief) == (
+            "jobset",
+            index,
+            index == 0,
+        )
+        addresses.add(tuple(cluster.spec["worker"]))
+    (cluster_addresses,) = addresses
+    assert cluster_addresses[0] == f"{name}-{replicated['name']}-0-0.{name}:{config.worker_port}"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == config.worker_port
+
+
+def test_trainjob_nodes_derive_one_cluster_from_what_trainer_gives(monkeypatch):
+    runtime = kubelet.find(objects("trainer/runtime.yaml"), "ClusterTrainingRuntime")
+    trainjob = kubelet.find(objects("trainer/trainjob.yaml"), "TrainJob")
+    assert trainjob["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"]
+    assert "jax" in runtime["spec"]["mlPolicy"]  # for its variables: job/jobset.py
+    replicated = kubelet.replicated_jobs(runtime)[0]
+    assert replicated["name"] == "node"  # Trainer's names for the trainer Job
+    assert replicated["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"
+    }
+    (container,) = kubelet.pod_template(runtime)["containers"]
+    assert container["name"] == "node"
+    name, nodes = trainjob["metadata"]["name"], trainjob["spec"]["trainer"]["numNodes"]
+    trainjob_env = {v["name"]: v["value"] for v in trainjob["spec"]["trainer"].get("env", [])}
+    for index in range(nodes):
+        environ = {  # what Trainer's JAX policy sets (../shared/crds/README.md)
+            "HOSTNAME": f"{name}-node-0-{index}",
+            "JAX_NUM_PROCESSES": str(nodes),
+            "JAX_PROCESS_ID": str(index),
+            "JAX_COORDINATOR_ADDRESS": f"{name}-node-0-0.{name}:29500",
+        }
+        plain = {**env_of(container), **trainjob_env}
+        plain["MNIST_JOB_OUTPUT_DIR"] = f"/outputs/{name}"
+        config = parse_train({**container, "env": []}, monkeypatch, plain)
+        cluster = resolve_cluster(config, environ)
+        assert cluster.spec["worker"] == [f"{name}-node-0-{i}.{name}:29500" for i in range(nodes)]
+        assert (cluster.source, cluster.task_index) == ("kubeflow-trainer", index)
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 29500}
+
+
+def pod_labels(workload: dict, name: str) -> dict:
+    """The labels a workload's pods carry: the template's and the controller's."""
+    labels = dict(workload["spec"].get("template", {}).get("metadata", {}).get("labels", {}))
+    if workload["kind"] == "Pod":
+        labels = dict(workload["metadata"]["labels"])
+    if workload["kind"] in kubelet.REPLICATED:
+        template = kubelet.replicated_jobs(workload)[0]["template"]["spec"]["template"]
+        labels = dict(template["metadata"]["labels"])
+        labels["jobset.sigs.k8s.io/jobset-name"] = name
+    return labels
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "trainer/runtime.yaml"])
+def test_every_pod_is_fenced_by_a_network_policy(name):
+    """Training pods: ingress only from their own group on the gRPC port;
+    egress only to that group and DNS (Trainer's: also its status server).
+    TensorBoard: ingress on its port only. Others: nothing in or out."""
+    docs = objects(name)
+    workloads = [o for o in docs if o["kind"] in WORKLOADS]
+    if name == "trainer/trainjob.yaml":
+        trainjob = kubelet.find(docs, "TrainJob")
+        runtime = kubelet.find(objects("trainer/runtime.yaml"), "ClusterTrainingRuntime")
+        workloads = [{**runtime, "metadata": trainjob["metadata"]}]
+    policies = [o for o in docs if o["kind"] == "NetworkPolicy"]
+    assert workloads and policies
+    for workload in workloads:
+        labels = pod_labels(workload, workload["metadata"]["name"])
+        (policy,) = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        ports = kubelet.pod_template(workload)["containers"][0].get("ports", [])
+        if not ports:
+            assert spec["ingress"] == [] and spec["egress"] == []
+            continue
+        (port,) = [p["containerPort"] for p in ports]
+        for rule in spec["ingress"]:
+            assert [p["port"] for p in rule["ports"]] == [port]
+            assert all(selects(peer["podSelector"], labels) for peer in rule.get("from", []))
+        peers = [r for r in spec["egress"] if all("namespaceSelector" not in t for t in r["to"])]
+        if workload["kind"] == "Deployment":
+            assert spec["egress"] == [] and "from" not in spec["ingress"][0]
+            continue
+        (peer_rule,) = peers
+        assert all(selects(t["podSelector"], labels) for t in peer_rule["to"])
+        assert [p["port"] for p in peer_rule["ports"]] == [port]
+        others = [r for r in spec["egress"] if r is not peer_rule]
+        namespaces = {t["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                      for r in others for t in r["to"]}  # fmt: skip
+        assert namespaces <= {"kube-system", "kubeflow-system"}
+        assert {53} <= {p["port"] for r in others for p in r["ports"]}
+
+
+def test_training_workloads_take_the_kueue_queue_label_in_one_line(tmp_path):
+    """`kubectl label --local` (no cluster needed) puts the LocalQueue label on
+    every training workload of a file; they stay valid, and the files apply
+    as they are on a cluster without Kueue (no label, no suspend)."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("no kubectl on PATH")
+    for name in NAMES:
+        if not any(o["kind"] in TRAINING for o in objects(name)):
+            continue
+        for obj in objects(name):
+            assert "kueue.x-k8s.io/queue-name" not in obj["metadata"].get("labels", {})
+            assert not obj.get("spec", {}).get("suspend")
+        labelled = subprocess.run(
+            ["kubectl", "label", "--local", "-f", str(K8S / name), "-o", "yaml",
+             "kueue.x-k8s.io/queue-name=team-a"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        out = tmp_path / name.replace("/", "-")
+        out.write_text(labelled)
+        docs = kubelet.load(out)
+        if len(docs) == 1 and docs[0]["kind"] == "List":
+            docs = docs[0]["items"]
+        for obj in docs:
+            if obj["kind"] in TRAINING:
+                assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
 
 
 def test_tensorboard_serves_the_jobs_logs_read_only():
@@ -482,7 +722,7 @@ def test_manifests_run_as_the_images_user(tag):
     ).stdout.strip()  # fmt: skip
     checked = []
     for path in MANIFESTS:
-        for obj in objects(path.name):
+        for obj in objects(str(path.relative_to(K8S))):
             if obj["kind"] not in WORKLOADS:
                 continue
             spec = kubelet.pod_template(obj)
