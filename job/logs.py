@@ -58,6 +58,10 @@ def configure(verbosity: int, log_format: str, stream=None) -> logging.Handler:
     # endpoints, once per client: --verbose only too.
     for name in ("tensorflow", "botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
+    # When a connection resets, aiohttp (under s3fs and gcsfs) leaves behind a
+    # task whose error the client has already retried; asyncio logs it as a
+    # traceback. Our own line says what failed and whether it is retried.
+    logging.getLogger("asyncio").setLevel(logging.NOTSET if verbosity >= 2 else logging.CRITICAL)
     logging.captureWarnings(True)  # Python warnings too, in the same format
     return handler
 

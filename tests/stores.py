@@ -140,8 +140,9 @@ def store(request, stores) -> Store:
 
 
 class FlakyProxy:
-    """A TCP proxy to `target` (host, port) that can cut the network: while
-    `down`, it drops every connection, as a failing network would."""
+    """A TCP proxy to `target_url` that can cut the network: `cut()` drops
+    every open connection and refuses new ones until `restore()`, as a
+    failing network would."""
 
     def __init__(self, target_url: str):
         import threading
@@ -149,10 +150,20 @@ class FlakyProxy:
         host, port = target_url.removeprefix("http://").split(":")
         self.target = (host, int(port))
         self.down = False
+        self.open: set[socket.socket] = set()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self._threading = threading
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self.down = True
+        for sock in list(self.open):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self.down = False
 
     def _accept(self) -> None:
         while True:
@@ -167,6 +178,7 @@ class FlakyProxy:
 
     def _serve(self, client: socket.socket) -> None:
         with client, socket.create_connection(self.target) as upstream:
+            self.open |= {client, upstream}
             pumps = [
                 self._threading.Thread(target=self._pump, args=(a, b), daemon=True)
                 for a, b in ((client, upstream), (upstream, client))
@@ -175,13 +187,16 @@ class FlakyProxy:
                 pump.start()
             for pump in pumps:
                 pump.join()
+            self.open -= {client, upstream}
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            while not self.down and (data := source.recv(65536)):
+            while data := source.recv(65536):
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        self.cut()
         self.server.close()

@@ -183,14 +183,15 @@ def test_a_network_outage_mid_run_is_ridden_out(stores, tmp_path):
     process = start_tiny_job(*args, "--staging-dir", str(tmp_path), env=env)
     try:
         wait_for(f"{uri}/checkpoints/latest.npz", process)
-        proxy.down = True
-        time.sleep(4)
-        proxy.down = False
+        proxy.cut()
+        time.sleep(20)
+        proxy.restore()
         _, stderr = process.communicate(timeout=180)
     finally:
         proxy.close()
     assert process.returncode == 0, stderr
-    assert "retrying in" in stderr
+    # Ridden out by the clients' own retries and ours (job/storage.py), silently.
+    assert "Traceback" not in stderr and "ERROR" not in stderr
     assert storage.exists(f"{uri}/metrics.json")
 
 
@@ -204,7 +205,7 @@ def test_a_lasting_outage_ends_with_exit_1_and_keeps_the_local_checkpoint(stores
     process = start_tiny_job(*args, "--staging-dir", str(tmp_path), env=env)
     try:
         wait_for(f"{uri}/checkpoints/latest.npz", process)
-        proxy.down = True
+        proxy.cut()
         _, stderr = process.communicate(timeout=180)
     finally:
         proxy.close()
