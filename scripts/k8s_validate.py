@@ -103,7 +103,8 @@ def check_core(doc: dict, versions: list[str]) -> list[str]:
             where = ".".join(str(p) for p in err.path)
             problems.append(f"Kubernetes {version}: {where}: {err.message}")
         except kubernetes_validate.utils.SchemaNotFoundError:
-            return [f"{doc.get('apiVersion')} {doc.get('kind')}: not a Kubernetes kind, no CRD for it"]
+            kind = f"{doc.get('apiVersion')} {doc.get('kind')}"
+            return [f"{kind}: not a Kubernetes kind, and no CRD for it in --crds"]
     return problems
 
 

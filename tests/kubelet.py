@@ -14,7 +14,13 @@ as a host directory. Pods of an Indexed Job with a
 `<hostname>.<subdomain>`, as a headless Service names them.
 
 `failure_action` applies a Job's podFailurePolicy to a pod's exit code as the
-Job controller would, so tests can say what the cluster would do next.
+Job controller would, so tests can say what the cluster would do next;
+`jobset_action` does the same for a JobSet's failurePolicy on its child Job's
+failure. `jobset_pod` makes a JobSet's pod as the JobSet controller would
+(name, hostname, subdomain, labels read through the downward API), and
+`trainjob_jobset` the JobSet Kubeflow Trainer makes from a TrainJob and its
+runtime (env merged by name, the JAX policy's variables, the progress
+server's variables and token volume).
 
 Not emulated: scheduling, probes, image pulls, Services other than the
 headless DNS names, resource requests (only limits constrain a container).
@@ -23,6 +29,7 @@ headless DNS names, resource requests (only limits constrain a container).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import secrets
@@ -269,6 +276,7 @@ def pod(
     env: Mapping[str, str] | None = None,
     network: str | None = None,
     container: str | None = None,
+    metadata: Mapping | None = None,
 ) -> Pod:
     """The `docker run` of one pod of `workload` (Job, Deployment or Pod).
 
@@ -276,6 +284,10 @@ def pod(
     with `prepare_volume`). index: the completion index, for Indexed Jobs.
     env: variables to set or override after the manifest's (tests use it to
     shrink the run). network: a docker network; None runs with no network.
+    metadata: the pod's labels and annotations, for the downward API (a
+    JobSet's pods: `jobset_pod`); an Indexed Job's pod also gets its
+    completion-index annotation. Projected volumes are host directories in
+    `claims` under the volume's name, mounted read-only.
     """
     spec = pod_template(workload)
     containers = spec["containers"]
@@ -298,12 +310,21 @@ def pod(
     # Environment: what Kubernetes injects, then the container's, in order,
     # each value able to refer to the ones before it.
     environ: dict[str, str] = {}
+    fields = {f"metadata.labels['{k}']": v for k, v in (metadata or {}).get("labels", {}).items()}
+    annotations = dict((metadata or {}).get("annotations", {}))
     if indexed:
         environ["JOB_COMPLETION_INDEX"] = str(index)
+        annotations["batch.kubernetes.io/job-completion-index"] = str(index)
+    fields.update({f"metadata.annotations['{k}']": v for k, v in annotations.items()})
+    fields["metadata.name"] = name
     for var in c.get("env", []):
-        if "value" not in var:
-            raise NotImplementedError(f"env {var['name']}: only plain values are emulated")
-        environ[var["name"]] = expand(str(var["value"]), environ)
+        if "value" in var:
+            environ[var["name"]] = expand(str(var["value"]), environ)
+            continue
+        path = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if path not in fields:
+            raise NotImplementedError(f"env {var['name']}: {var.get('valueFrom')} not emulated")
+        environ[var["name"]] = fields[path]
     environ.update(env or {})
     for key, value in environ.items():
         args += ["--env", f"{key}={value}"]
@@ -362,6 +383,8 @@ def pod(
             size = volume["emptyDir"].get("sizeLimit")
             options = "rw,exec,mode=1777" + (f",size={memory_bytes(size)}" if size else "")
             args += ["--tmpfs", f"{target}:{options}"]
+        elif "projected" in volume:
+            args += ["--volume", f"{claims[mount['name']]}:{target}:ro"]
         elif "persistentVolumeClaim" in volume:
             claim = volume["persistentVolumeClaim"]
             source = Path(claims[claim["claimName"]])
@@ -441,3 +464,105 @@ def _docker(*args: str) -> str:
     if result.returncode:
         raise RuntimeError(f"docker {' '.join(args[:3])}...: {result.stderr.strip()}")
     return result.stdout
+
+
+# -- JobSet and Kubeflow Trainer, as their controllers make pods ------------------
+
+
+def jobset_pod(
+    jobset: dict,
+    claims: Mapping[str, Path],
+    job_index: int,
+    pod_index: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    network: str | None = None,
+) -> Pod:
+    """Pod `pod_index` of Job `job_index` of a JobSet's first replicated Job:
+    the child Job JobSet makes (`<jobset>-<rjob>-<j>`, Indexed, the subdomain
+    set when enableDNSHostnames), with the labels and annotations JobSet puts
+    on its pods, as `pod` runs it."""
+    name = jobset["metadata"]["name"]
+    replicated = replicated_jobs(jobset)[0]
+    job = {
+        "kind": "Job",
+        "metadata": {"name": f"{name}-{replicated['name']}-{job_index}"},
+        "spec": copy.deepcopy(replicated["template"]["spec"]),
+    }
+    job["spec"]["completionMode"] = "Indexed"  # JobSet's default
+    network_spec = jobset["spec"].get("network", {})
+    if network_spec.get("enableDNSHostnames", True):
+        job["spec"]["template"]["spec"]["subdomain"] = network_spec.get("subdomain", name)
+    template_labels = job["spec"]["template"].get("metadata", {}).get("labels", {})
+    jobset_labels = {
+        "jobset.sigs.k8s.io/jobset-name": name,
+        "jobset.sigs.k8s.io/replicatedjob-name": replicated["name"],
+        "jobset.sigs.k8s.io/replicatedjob-replicas": str(replicated.get("replicas", 1)),
+        "jobset.sigs.k8s.io/job-index": str(job_index),
+        "jobset.sigs.k8s.io/restart-attempt": "0",
+    }
+    metadata = {"labels": {**template_labels, **jobset_labels}, "annotations": jobset_labels}
+    return pod(job, claims, index=pod_index, env=env, network=network, metadata=metadata)
+
+
+def upsert_env(env: list[dict], *variables: dict) -> None:
+    """Trainer's apply.UpsertEnvVars: replace by name in place, else append."""
+    for var in variables:
+        names = [v["name"] for v in env]
+        if var["name"] in names:
+            env[names.index(var["name"])] = var
+        else:
+            env.append(var)
+
+
+def trainjob_jobset(runtime: dict, trainjob: dict, status_url: str | None = None) -> dict:
+    """The JobSet Kubeflow Trainer v2 makes from a TrainJob on a runtime (its
+    jobset, JAX, plainml and TrainJobStatus plugins, main after v2.3.0): named
+    after the TrainJob; the `node` Job's pods numNodes; the TrainJob's image,
+    command, args and resourcesPerNode replacing the runtime's; its env merged
+    by name; the JAX policy's variables and port 29500; with status_url, the
+    TrainJobStatus variables and the token volume (claims name it
+    `kubeflow-trainer-token`)."""
+    name = trainjob["metadata"]["name"]
+    spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
+    policy = runtime["spec"].get("mlPolicy", {})
+    settings = trainjob["spec"].get("trainer", {})
+    nodes = settings.get("numNodes", policy.get("numNodes", 1))
+    (node,) = [r for r in spec["replicatedJobs"] if r["name"] == "node"]
+    node["replicas"] = 1
+    node["template"]["spec"]["parallelism"] = node["template"]["spec"]["completions"] = nodes
+    pod_spec = node["template"]["spec"]["template"]["spec"]
+    (container,) = [c for c in pod_spec["containers"] if c["name"] == "node"]
+    for key in ("image", "command", "args"):
+        if key in settings:
+            container[key] = settings[key]
+    if "resourcesPerNode" in settings:
+        container["resources"] = settings["resourcesPerNode"]
+    env = container.setdefault("env", [])
+    if "jax" in policy:
+        index_path = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        upsert_env(
+            env,
+            {"name": "JAX_NUM_PROCESSES", "value": str(nodes)},
+            {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {"fieldPath": index_path}}},
+            {"name": "JAX_COORDINATOR_ADDRESS", "value": f"{name}-node-0-0.{name}:29500"},
+        )
+        if 29500 not in [p["containerPort"] for p in container.get("ports", [])]:
+            container.setdefault("ports", []).append({"containerPort": 29500})
+    upsert_env(env, *settings.get("env", []))
+    if status_url:
+        mount = "/var/run/secrets/kubeflow/trainer"
+        upsert_env(
+            env,
+            {"name": "KUBEFLOW_TRAINER_SERVER_URL", "value": status_url},
+            {"name": "KUBEFLOW_TRAINER_SERVER_CA_CERT", "value": f"{mount}/ca.crt"},
+            {"name": "KUBEFLOW_TRAINER_SERVER_TOKEN", "value": f"{mount}/token"},
+        )
+        container.setdefault("volumeMounts", []).append(
+            {"name": "kubeflow-trainer-token", "mountPath": mount, "readOnly": True}
+        )
+        pod_spec.setdefault("volumes", []).append(
+            {"name": "kubeflow-trainer-token", "projected": {"sources": []}}
+        )
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+            "metadata": {"name": name}, "spec": spec}  # fmt: skip

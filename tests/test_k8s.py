@@ -29,7 +29,7 @@ from job.cli import train
 from job.config import TrainConfig, from_options
 from job.errors import ExitCode
 from job.strategy import resolve_cluster
-from tests import kubelet
+from tests import kubelet, status_server
 from tests.conftest import ROOT
 from tests.docker_helpers import CONTAINER_GID, CONTAINER_UID, require_image
 
@@ -940,3 +940,129 @@ def test_gpu_job_on_a_node_without_gpu_fails_the_job(tmp_path):
     assert "no GPU is visible" in log
     assert kubelet.failure_action(job, code) == "FailJob"
     assert not (volume / "checkpoints").exists()
+
+
+# -- JobSet and Kubeflow Trainer pods, as their controllers and a kubelet would ------
+
+
+def _gateway(network: str) -> str:
+    """The host's address on a docker network: where a pod reaches the host."""
+    return subprocess.run(
+        [kubelet.DOCKER, "network", "inspect", "--format",
+         "{{(index .IPAM.Config 0).Gateway}}", network],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def _run_group(pods: list, timeout: float = 300) -> tuple[list[int], list[str]]:
+    with kubelet.running(*pods):
+        codes = [p.wait(timeout=timeout) for p in pods]
+        logs = [p.logs() for p in pods]
+    return codes, logs
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_jobset_workers_find_each_other_train_and_restart_as_a_group(tmp_path):
+    """k8s/jobset.yaml's 2 worker pods, named, labelled and resolvable as
+    JobSet makes them: they train together and the chief writes. Then a
+    worker killed mid-run: JobSet recreates the whole group, which resumes
+    from the checkpoint and finishes."""
+    require_image("cpu")
+    jobset = kubelet.find(objects("jobset.yaml"), "JobSet")
+    spec = kubelet.replicated_jobs(jobset)[0]["template"]["spec"]
+    workers = spec["parallelism"]
+    claims = {"mnist-jobset-outputs": kubelet.prepare_volume(tmp_path / "pvc", jobset)}
+    with kubelet.docker_network() as network:
+        pods = [
+            kubelet.jobset_pod(jobset, claims, 0, i, env=SMALL_RUN, network=network)
+            for i in range(workers)
+        ]
+        codes, logs = _run_group(pods)
+    assert codes == [0] * workers, "\n\n".join(log[-2000:] for log in logs)
+    metrics = _assert_artifacts(claims["mnist-jobset-outputs"])
+    assert (metrics["devices"]["strategy"], metrics["devices"]["workers"]) == ("multi-worker", 2)
+    assert "Multi-worker cluster from jobset" in logs[0]
+    assert "mnist-jobset-workers-0-1.mnist-jobset:2222" in logs[0]
+    assert "Wrote model" in logs[0] and "Wrote model" not in logs[1]
+
+    # A worker lost mid-run (SIGKILL, as the OOM killer): the group restarts.
+    claims = {"mnist-jobset-outputs": kubelet.prepare_volume(tmp_path / "pvc2", jobset)}
+    env = {
+        "MNIST_JOB_EPOCHS": "10",
+        "MNIST_JOB_MAX_TRAIN_SAMPLES": "4000",
+        "MNIST_JOB_CHECKPOINT_EVERY": "25",
+    }
+    with kubelet.docker_network() as network:
+        pods = [kubelet.jobset_pod(jobset, claims, 0, i, env=env, network=network) for i in (0, 1)]
+        with kubelet.running(*pods):
+            pods[0].wait_for_log(r"epoch 1/10", timeout=180)
+            subprocess.run([kubelet.DOCKER, "kill", pods[1].name], check=True)
+            codes = [pods[1].wait(timeout=30), pods[0].wait(timeout=120)]
+        assert codes == [137, ExitCode.FAILURE]
+        actions = {kubelet.jobset_action(jobset, c, container="mnist-job") for c in codes}
+        assert actions == {"RestartJobSet"}  # the whole group, one restart used
+        assert (claims["mnist-jobset-outputs"] / "checkpoints" / "latest.npz").exists()
+        group = [kubelet.jobset_pod(jobset, claims, 0, i, env=env, network=network) for i in (0, 1)]
+        codes, logs = _run_group(group)
+    assert codes == [0, 0], "\n\n".join(log[-2000:] for log in logs)
+    _assert_resumed_and_finished(claims["mnist-jobset-outputs"], logs, epochs=10)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_trainjob_nodes_train_and_the_chief_reports_progress(tmp_path):
+    """k8s/trainer/trainjob.yaml on k8s/trainer/runtime.yaml, merged as
+    Trainer merges them (JAX policy variables, TrainJob env, TrainJobStatus
+    variables and token volume): 2 node pods train, the chief writes under
+    /outputs/<trainjob>, and its progress reports reach a local HTTPS server
+    (own CA) with the pod's token."""
+    require_image("cpu")
+    runtime = kubelet.find(objects("trainer/runtime.yaml"), "ClusterTrainingRuntime")
+    trainjob = kubelet.find(objects("trainer/trainjob.yaml"), "TrainJob")
+    name = trainjob["metadata"]["name"]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    with kubelet.docker_network() as network:
+        server, stop = status_server.serve(secrets, host="0.0.0.0", hosts=(_gateway(network),))
+        try:
+            for path in (secrets / "ca.crt", secrets / "token"):
+                path.chmod(0o644)
+            token_dir = tmp_path / "token"
+            token_dir.mkdir()
+            for path in ("ca.crt", "token"):
+                (token_dir / path).write_bytes((secrets / path).read_bytes())
+                (token_dir / path).chmod(0o644)
+            jobset = kubelet.trainjob_jobset(runtime, trainjob, status_url=server.url)
+            assert jobset["metadata"]["name"] == name
+            claims = {
+                "mnist-trainjob-outputs": kubelet.prepare_volume(tmp_path / "pvc", jobset),
+                "kubeflow-trainer-token": token_dir,
+            }
+            nodes = trainjob["spec"]["trainer"]["numNodes"]
+            env = {**SMALL_RUN, "MNIST_JOB_EPOCHS": "2"}
+            pods = [
+                kubelet.jobset_pod(jobset, claims, 0, i, env=env, network=network)
+                for i in range(nodes)
+            ]
+            assert " --hostname mnist-train-node-0-1 " in " ".join(pods[1].run_args)
+            codes, logs = _run_group(pods)
+        finally:
+            stop()
+    assert codes == [0] * nodes, "\n\n".join(log[-2000:] for log in logs)
+    metrics = _assert_artifacts(claims["mnist-trainjob-outputs"] / name)
+    assert (metrics["devices"]["strategy"], metrics["devices"]["workers"]) == ("multi-worker", 2)
+    assert "Multi-worker cluster from kubeflow-trainer" in logs[0]
+    assert f"{name}-node-0-1.{name}:29500" in logs[0]
+    # The chief alone reported: after epoch 1 and after the last (2 of 2).
+    assert [r["path"] for r in server.requests] == [status_server.PATH] * 2, logs[0][-3000:]
+    assert {r["headers"]["Authorization"] for r in server.requests} == {
+        f"Bearer {status_server.TOKEN}"
+    }
+    reports = [b["trainerStatus"] for b in server.bodies()]
+    assert [r["progressPercentage"] for r in reports] == [50, 100]
+    assert reports[-1]["estimatedRemainingSeconds"] == 0
+    assert [m["name"] for m in reports[0]["metrics"]] == [
+        "loss", "accuracy", "val_loss", "val_accuracy"
+    ]  # fmt: skip
+    assert all("progress report" not in log for log in logs)
