@@ -519,10 +519,10 @@ def trainjob_jobset(runtime: dict, trainjob: dict, status_url: str | None = None
     """The JobSet Kubeflow Trainer v2 makes from a TrainJob on a runtime (its
     jobset, JAX, plainml and TrainJobStatus plugins, main after v2.3.0): named
     after the TrainJob; the `node` Job's pods numNodes; the TrainJob's image,
-    command, args and resourcesPerNode replacing the runtime's; its env merged
-    by name; the JAX policy's variables and port 29500; with status_url, the
-    TrainJobStatus variables and the token volume (claims name it
-    `kubeflow-trainer-token`)."""
+    command and args replacing the runtime's, its resourcesPerNode merged over
+    the runtime's resource by resource, its env merged by name; the JAX
+    policy's variables and port 29500; with status_url, the TrainJobStatus
+    variables and the token volume (claims name it `kubeflow-trainer-token`)."""
     name = trainjob["metadata"]["name"]
     spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
     policy = runtime["spec"].get("mlPolicy", {})
@@ -536,8 +536,8 @@ def trainjob_jobset(runtime: dict, trainjob: dict, status_url: str | None = None
     for key in ("image", "command", "args"):
         if key in settings:
             container[key] = settings[key]
-    if "resourcesPerNode" in settings:
-        container["resources"] = settings["resourcesPerNode"]
+    for kind, quantities in settings.get("resourcesPerNode", {}).items():
+        container.setdefault("resources", {}).setdefault(kind, {}).update(quantities)
     env = container.setdefault("env", [])
     if "jax" in policy:
         index_path = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
