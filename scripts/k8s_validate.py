@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def strict(schema: dict) -> dict:
     return schema
 
 
+@functools.cache  # the CRD files are ~2.6 MB of YAML: parsed once per process
 def crd_schemas(directory: Path) -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> strict schema, for every CRD in `directory`."""
     schemas = {}

@@ -11,6 +11,7 @@ manifests use (MNIST_JOB_EPOCHS=1, MNIST_JOB_MAX_TRAIN_SAMPLES=2000) to stay fas
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -85,6 +86,7 @@ def test_the_manifests_are_the_expected_ones():
     assert set(NAMES) >= {*JOB_FILES, "tensorboard.yaml", "jobset.yaml", "trainer/trainjob.yaml"}
 
 
+@functools.cache
 def k8s_validate():
     """scripts/k8s_validate.py, the checker of `make k8s-validate`."""
     spec = importlib.util.spec_from_file_location("k8s_validate", ROOT / "scripts/k8s_validate.py")
