@@ -47,8 +47,8 @@ format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-tensorboard: $(VENV_STAMP) ## Serve OUTPUT_DIR's logs on TENSORBOARD_HOST:TENSORBOARD_PORT (localhost:6006)
-	$(VENV)/bin/tensorboard --logdir $(OUTPUT_DIR) --host $(TENSORBOARD_HOST) --port $(TENSORBOARD_PORT)
+tensorboard: $(VENV_STAMP) ## Serve OUTPUT_DIR's logs (a dir, gs:// or s3://) on TENSORBOARD_HOST:TENSORBOARD_PORT (localhost:6006)
+	$(VENV)/bin/mnist-job tensorboard --logdir $(OUTPUT_DIR) --host $(TENSORBOARD_HOST) --port $(TENSORBOARD_PORT)
 
 bench: $(VENV_STAMP) ## Benchmark the seed script against mnist-job (writes bench/)
 	$(PY) scripts/bench.py $(ARGS)

@@ -19,6 +19,7 @@ from job import __version__
 from job.config import from_options, resolve_data_dir
 from job.errors import EXIT_CODES_HELP, DataError, ExitCode, JobError
 from job.options import (
+    LOCATION,
     PATH,
     compile_cache_option,
     data_dir_option,
@@ -188,6 +189,26 @@ def info(as_json: bool, **options) -> None:
     config = from_options(options, os.environ)
     collected = report.collect(config)
     click.echo(report.to_json(collected) if as_json else report.text(collected))
+
+
+@cli.command(epilog=EXIT_CODES_HELP, context_settings={"ignore_unknown_options": True})
+@option(
+    "--logdir",
+    type=LOCATION,
+    default="outputs",
+    help="A run's output dir or TensorBoard dir: a local dir, gs://bucket/path or s3://...",
+)
+@option("--host", default="localhost", help="Where to listen; 0.0.0.0: every interface.")
+@option("--port", default=6006, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.argument("tensorboard_args", nargs=-1, type=click.UNPROCESSED)
+def tensorboard(logdir: Path | str, host: str, port: int, tensorboard_args) -> None:
+    """Serve TensorBoard on a run's logs, also from a bucket while it trains.
+
+    Arguments after -- go to TensorBoard, e.g. -- --reload_interval 10.
+    """
+    from job.board import serve
+
+    serve(logdir, host, port, tensorboard_args)
 
 
 @cli.group()
