@@ -87,10 +87,12 @@ def docker_run_args(
     env: dict[str, str] | None = None,
     name: str | None = None,
     detach: bool = False,
+    network: str = "none",
 ) -> list[str]:
     """`docker run` as a locked-down runtime runs the job: read-only root, /tmp
-    as a tmpfs, no network, no privilege escalation."""
-    cmd = ["docker", "run", "--read-only", "--tmpfs", "/tmp", "--network", "none"]
+    as a tmpfs, no network (unless `network` names one: "host" reaches the
+    tests' servers on 127.0.0.1), no privilege escalation."""
+    cmd = ["docker", "run", "--read-only", "--tmpfs", "/tmp", "--network", network]
     cmd += ["--security-opt", "no-new-privileges", "--cap-drop", "ALL"]
     cmd += ["--detach"] if detach else ["--rm"]
     if name:

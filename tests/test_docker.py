@@ -36,10 +36,14 @@ from tests.docker_helpers import (
     wait_for_log,
     writable_volume,
 )
+from tests.stores import stores  # noqa: F401
 
 pytestmark = pytest.mark.docker
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+# Issue 18: with the cloud clients (s3fs, gcsfs) the CPU image stays within
+# 1.25 GB, as `docker image ls` counts (10^9 bytes).
+CPU_IMAGE_MAX_BYTES = 1_250_000_000
 QUICK = ("--epochs", "1", "--max-train-samples", "2000")
 NO_GPU_LOG = "No GPU is visible to TensorFlow: training on CPU"
 
@@ -397,6 +401,75 @@ assert not failed, "\\n".join(failed)
     result = run_in_image(cuda_image, "python3", "-c", script)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "LD_LIBRARY_PATH" not in json.dumps(inspect(cuda_image)["Config"]["Env"])
+
+
+def test_cpu_image_size(cpu_image):
+    """docker/prune-venv.sh keeps the CPU image within its budget: the pruning
+    of TensorFlow's headers and debug symbols, and of botocore's models for
+    AWS services the job never calls."""
+    size = inspect(cpu_image)["Size"]
+    assert size <= CPU_IMAGE_MAX_BYTES, (
+        f"{cpu_image} is {size / 1e6:.0f} MB, over {CPU_IMAGE_MAX_BYTES / 1e6:.0f} MB:"
+        " what does a new dependency bring that docker/prune-venv.sh keeps?"
+    )
+
+
+CLOUD_CLIENTS = """
+import os
+import botocore.session, fsspec, gcsfs, s3fs
+from google.cloud import storage
+
+fsspec.filesystem("s3")
+# token="anon": with no credentials at all gcsfs tries gcloud's and then the
+# metadata server's first, ~17 s of retries without a network.
+gs = fsspec.filesystem("gs", token="anon")
+assert type(gs) is gcsfs.core.GCSFileSystem, type(gs)  # not the zonal/HNS variant
+session = botocore.session.get_session()
+for service in ("s3", "sts", "sso", "sso-oidc", "signin"):
+    session.create_client(service, region_name="us-east-1")
+client = storage.Client()
+assert client._connection.API_BASE_URL == os.environ["STORAGE_EMULATOR_HOST"]
+print("clients ok")
+"""
+
+
+def test_cloud_clients_survive_the_pruning(cpu_image):
+    """s3fs and gcsfs import and build their filesystems; botocore creates S3
+    and the credential chains' clients (STS for IRSA and assume-role, SSO,
+    SSO-OIDC, Signin) from the models the prune keeps; google-cloud-storage
+    builds a client against an emulator. gcsfs's zonal/HNS probing is off."""
+    env = dict(item.split("=", 1) for item in inspect(cpu_image)["Config"]["Env"])
+    assert env["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] == "false"
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--read-only", "--network", "none",
+         "--env", "STORAGE_EMULATOR_HOST=http://127.0.0.1:9023",
+         "--env", "AWS_EC2_METADATA_DISABLED=true",
+         "--entrypoint", "python3", cpu_image, "-c", CLOUD_CLIENTS],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "clients ok"
+    assert "GCSFS_EXPERIMENTAL" not in result.stderr, result.stderr
+
+
+def test_cpu_image_trains_into_an_s3_bucket(cpu_image, stores):  # noqa: F811
+    """`train --output-dir s3://...` from the image, against the tests' local
+    S3 server (moto on 127.0.0.1, hence the host's network), found through the
+    standard AWS variables: the artifacts land in the bucket."""
+    import fsspec
+
+    uri = stores["s3"].uri("run")
+    env = {key: value for key, value in stores["s3"].env.items() if key.startswith("AWS_")}
+    result = docker_run(
+        cpu_image, "train", *QUICK, "--num-images", "2", "--output-dir", uri,
+        env=env, network="host",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    bucket = fsspec.filesystem("s3", skip_instance_cache=True)
+    found = {path.removeprefix(uri.removeprefix("s3://") + "/") for path in bucket.ls(uri)}
+    assert {"metrics.json", "model.keras"} <= found, found
+    metrics = json.loads(bucket.cat(f"{uri}/metrics.json"))
+    assert metrics["test"]["accuracy"] > 0.7  # 2,000 images, one epoch
 
 
 def test_docker_stop_checkpoints_and_rerun_resumes(cpu_image, tmp_path):
