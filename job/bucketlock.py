@@ -111,7 +111,7 @@ class Lock:
             seen = self._call("read", self.store.read)
             if seen is None:
                 return "released"
-            if seen[1] != version:
+            if seen != (body, version):  # every renewal writes a new body
                 return "alive"
         return "abandoned"
 

@@ -191,3 +191,11 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+def task_fields(cluster):
+    """In a multi-worker run (a job.strategy.Cluster), every log record names its
+    worker's task (JSON lines get `task_type` and `task_index`, as in TF_CONFIG)."""
+    if not cluster.is_multi_worker:
+        return contextlib.nullcontext()
+    return fields(task_type=cluster.task_type, task_index=cluster.task_index)

@@ -45,7 +45,7 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         errors.explained(),
         sigterm.handled() as termination,
         collector.paused() as startup_done,
-        _task_fields(cluster),
+        logs.task_fields(cluster),
         outputs.claimed(mirror.local, cluster.is_chief, mirror),
     ):
         job = _prepare(mirror.local, cluster, datasets, strategy, mirror)
@@ -57,7 +57,10 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
             startup_done()  # the collector runs again during training, over new objects only
             termination.catch()  # from here on, SIGTERM means: checkpoint, then stop
             _train(job, summaries, termination)
-            return _finish(job, summaries, started)
+            result = _finish(job, summaries, started)
+    # The bucket holds the finished run: its staged copy is no longer needed.
+    mirror.discard_staging()
+    return result
 
 
 @dataclass
@@ -310,11 +313,3 @@ def _check_workers_agree(strategy, global_step: int) -> None:
             f"workers disagree on where to resume (this one: step {global_step}); "
             "all workers must mount the same output dir"
         )
-
-
-def _task_fields(cluster: Cluster):
-    """In a multi-worker run, every log record names its worker's task (JSON lines
-    get `task_type` and `task_index`, as in TF_CONFIG)."""
-    if not cluster.is_multi_worker:
-        return contextlib.nullcontext()
-    return logs.fields(task_type=cluster.task_type, task_index=cluster.task_index)

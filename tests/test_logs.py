@@ -61,6 +61,33 @@ def test_fields_tag_every_record_of_a_block_and_only_that_block(restore_logging)
     assert "task_index" not in after
 
 
+def test_task_fields_name_a_workers_task_only_in_multi_worker_runs(restore_logging):
+    from job.strategy import Cluster
+
+    stream = io.StringIO()
+    logs.configure(1, "json", stream)
+    log = logging.getLogger("job.test")
+    two = {"worker": ["a:2222", "b:2222"]}
+    with logs.task_fields(Cluster(two, "worker", 1, "TF_CONFIG")):
+        log.info("multi")
+    with logs.task_fields(Cluster({}, "worker", 0, "single")):
+        log.info("single")
+    multi, single = map(json.loads, stream.getvalue().splitlines())
+    assert (multi["task_type"], multi["task_index"]) == ("worker", 1)
+    assert "task_index" not in single
+
+
+def test_object_store_clients_say_where_credentials_are_with_verbose_only(restore_logging):
+    stream = io.StringIO()
+    for verbosity in (1, 2):
+        logs.configure(verbosity, "text", stream)
+        logging.getLogger("botocore.credentials").info("Found credentials (%d)", verbosity)
+        logging.getLogger("asyncio").error("Task exception was never retrieved (%d)", verbosity)
+    text = stream.getvalue()
+    assert "(1)" not in text
+    assert "Found credentials (2)" in text and "never retrieved (2)" in text
+
+
 def test_tensorflows_info_lines_show_with_verbose_only(restore_logging):
     stream = io.StringIO()
     tensorflow = logging.getLogger("tensorflow")
