@@ -74,9 +74,10 @@ def serving(command: list[str], port: int, what: str, env: dict | None = None) -
             process.wait()
 
 
-def moto_server(env: dict | None = None):
+def moto_server(env: dict | None = None, host: str = "127.0.0.1"):
+    """An S3 API server; `host` 0.0.0.0 lets containers reach it too."""
     port = free_port()
-    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    command = [str(BIN / "moto_server"), "-H", host, "-p", str(port)]
     return serving(command, port, "moto_server (S3)", env)
 
 

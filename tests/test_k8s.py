@@ -33,6 +33,7 @@ from job.strategy import resolve_cluster
 from tests import kubelet, status_server
 from tests.conftest import ROOT
 from tests.docker_helpers import CONTAINER_GID, CONTAINER_UID, require_image
+from tests.stores import S3_CREDENTIALS, moto_server
 
 K8S = ROOT / "k8s"
 MANIFESTS = sorted([*K8S.glob("*.yaml"), *K8S.glob("trainer/*.yaml")])
@@ -545,14 +546,19 @@ def test_every_pod_is_fenced_by_a_network_policy(name):
         for rule in spec["ingress"]:
             assert [p["port"] for p in rule["ports"]] == [port]
             assert all(selects(peer["podSelector"], labels) for peer in rule.get("from", []))
-        peers = [r for r in spec["egress"] if all("namespaceSelector" not in t for t in r["to"])]
+        # Outputs in a bucket: HTTPS to the object store, and nothing else.
+        store = [r for r in spec["egress"] if any("ipBlock" in t for t in r["to"])]
+        assert [p["port"] for r in store for p in r["ports"]] == ([443] if store else [])
+        assert bool(store) == name.endswith("-bucket.yaml")
+        egress = [r for r in spec["egress"] if r not in store]
+        peers = [r for r in egress if all("namespaceSelector" not in t for t in r["to"])]
         if workload["kind"] == "Deployment":
             assert spec["egress"] == [] and "from" not in spec["ingress"][0]
             continue
         (peer_rule,) = peers
         assert all(selects(t["podSelector"], labels) for t in peer_rule["to"])
         assert [p["port"] for p in peer_rule["ports"]] == [port]
-        others = [r for r in spec["egress"] if r is not peer_rule]
+        others = [r for r in egress if r is not peer_rule]
         namespaces = {t["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
                       for r in others for t in r["to"]}  # fmt: skip
         assert namespaces <= {"kube-system", "kubeflow-system"}
@@ -866,6 +872,67 @@ def test_indexed_job_workers_find_each_other_and_train(tmp_path):
     # Each found the others by the names the headless Service gives them.
     service = job["spec"]["template"]["spec"]["subdomain"]
     assert f"{job['metadata']['name']}-1.{service}:" in logs[0]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_bucket_workers_resume_from_the_bucket_after_one_is_killed(tmp_path):
+    """k8s/multi-worker-bucket.yaml: no volume, an S3 API server as the store
+    (reached from the pods' network as the cloud's would be, by the endpoint
+    variable). A worker killed mid-run; the replacement group resumes from
+    the checkpoint in the bucket and the chief uploads every artifact."""
+    require_image("cpu")
+    job = job_of("multi-worker-bucket.yaml")
+    workers = job["spec"]["completions"]
+    env = {
+        "MNIST_JOB_EPOCHS": "10",
+        "MNIST_JOB_MAX_TRAIN_SAMPLES": "4000",
+        "MNIST_JOB_CHECKPOINT_EVERY": "25",
+        "MNIST_JOB_OUTPUT_DIR": "s3://pods/run",
+        **S3_CREDENTIALS,
+    }
+    with kubelet.docker_network() as network, moto_server(host="0.0.0.0") as url:
+        gateway = subprocess.run(
+            [kubelet.DOCKER, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}",
+             network], capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        env["AWS_ENDPOINT_URL"] = url.replace("127.0.0.1", gateway)
+        s3 = boto_s3(url)
+        s3.create_bucket(Bucket="pods")
+        pods = [kubelet.pod(job, {}, index=i, env=env, network=network) for i in range(workers)]
+        with kubelet.running(*pods):
+            pods[0].wait_for_log(r"epoch 1/10", timeout=180)
+            subprocess.run([kubelet.DOCKER, "kill", pods[-1].name], check=True)
+            codes = [p.wait(timeout=120) for p in pods]
+        assert codes == [ExitCode.FAILURE, 137]
+        assert "Contents" in s3.list_objects_v2(Bucket="pods", Prefix="run/checkpoints/")
+
+        replacements = [
+            kubelet.pod(job, {}, index=i, env=env, network=network) for i in range(workers)
+        ]
+        with kubelet.running(*replacements):
+            codes = [p.wait(timeout=300) for p in replacements]
+            logs = [p.logs() for p in replacements]
+        assert codes == [0] * workers, "\n\n".join(log[-2000:] for log in logs)
+        assert all("Resuming from s3://pods/run/checkpoints/latest.npz" in log for log in logs)
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="pods")["Contents"]}
+        metrics = json.loads(s3.get_object(Bucket="pods", Key="run/metrics.json")["Body"].read())
+    missing = [n for n in ARTIFACTS if not any(k.startswith(f"run/{n}") for k in keys)]
+    assert not missing, f"missing in the bucket: {missing}"
+    assert metrics["devices"]["workers"] == workers and metrics["resumed_from"] is not None
+    assert len(metrics["history"]) == 10
+
+
+def boto_s3(url: str):
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 @pytest.mark.docker
