@@ -49,6 +49,7 @@ class Lock:
     def __init__(self, dir_uri: str, what: str):
         self.uri = storage.join(dir_uri, LOCK_NAME)
         self.what, self.dir_uri = what, dir_uri
+        storage.filesystem(self.uri)  # a ConfigError naming the extra if it is missing
         self.store = _store(self.uri)
         self.version = None
         self.lost: str | None = None
