@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job import checkpoint, collector, compile_cache, errors, logs, outputs, sigterm
+from job import checkpoint, collector, compile_cache, errors, logs, outputs, sigterm, trainer_status
 from job.config import TrainConfig
 from job.errors import ConfigError, Diverged, Terminated, WorkerLost
 from job.logs import Progress
@@ -234,6 +234,8 @@ class _TrainingEvents:
         self.config, self.summaries, self.mirror = job.config, summaries, job.mirror
         self.model, self.optimizer = job.trainer.model, job.trainer.optimizer
         self.is_chief = job.placement.is_chief
+        # Kubeflow Trainer's progress reports, where it asks for them.
+        self.reporter = trainer_status.reporter(job.config.epochs) if self.is_chief else None
         self.progress = Progress(
             log, job.config.epochs, job.state.steps_per_epoch, job.config.batch_size
         )
@@ -265,6 +267,8 @@ class _TrainingEvents:
         self.summaries.epoch(record, learning_rate=learning_rate)
         if self.is_chief:
             self.mirror.logs_written()
+        if self.reporter:
+            self.reporter.epoch_end(record)
         self.progress.update(state.epoch, 0)
 
     def chunk_end(self, state: checkpoint.TrainState, mean_loss: float) -> None:

@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import jobset, join, trainer_status
+from job import jobset, join
 from job.config import TrainConfig
 from job.errors import ConfigError, DeviceError
 
@@ -252,8 +252,6 @@ def setup(config: TrainConfig, cluster: Cluster, strategy=None) -> Placement:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    if cluster.is_chief:  # Kubeflow Trainer's progress reports, where it asks for them
-        trainer_status.attach(config.epochs)
     if strategy is not None:
         name = "injected"
     else:

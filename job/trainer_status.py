@@ -18,10 +18,8 @@ verified against that CA. Trainer shows it as the TrainJob's
 last epoch's always). A report that fails is one warning line: training goes on.
 Standard library only.
 
-`attach` (called by strategy.setup on the chief) feeds the reporter from the
-runner's per-epoch log event (event "epoch", which carries the epoch's
-record), so the training loop needs no hook; `--quiet` drops those INFO
-events, and with them the reports.
+The runner's chief makes one with `reporter` and hands it each epoch's
+record (job.loop.epoch_record), whatever the log level.
 """
 
 from __future__ import annotations
@@ -102,31 +100,12 @@ class Reporter:
         return False
 
 
-class EpochReports(logging.Handler):
-    """Sends a report for each "epoch" log event."""
-
-    def __init__(self, reporter: Reporter) -> None:
-        super().__init__(logging.INFO)
-        self.reporter = reporter
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "event", None) == "epoch":
-            self.reporter.epoch_end(record.__dict__)
-
-
-def attach(
-    epochs: int, environ: Mapping[str, str] = os.environ, logger: str = "job.runner"
-) -> Reporter | None:
-    """Report each epoch logged by `logger` to Trainer, if this pod has its
-    variables; replaces what an earlier run in this process attached."""
-    target = logging.getLogger(logger)
-    for handler in [h for h in target.handlers if isinstance(h, EpochReports)]:
-        target.removeHandler(handler)
-    reporter = Reporter.from_env(epochs, environ)
-    if reporter:
-        target.addHandler(EpochReports(reporter))
+def reporter(epochs: int, environ: Mapping[str, str] = os.environ) -> Reporter | None:
+    """The chief's reporter, if Trainer gave this pod its status server."""
+    found = Reporter.from_env(epochs, environ)
+    if found:
         log.info("Reporting progress to Kubeflow Trainer after each epoch")
-    return reporter
+    return found
 
 
 def status(record: Mapping, epochs: int, epoch_seconds: list[float]) -> dict:

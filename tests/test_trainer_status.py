@@ -142,11 +142,16 @@ def test_a_training_run_in_a_trainjob_pod_reports_each_epoch(server, tmp_path):
         "val_loss",
         "val_accuracy",
     }
+    quiet = status_server_run(tmp_path / "quiet", env, "--quiet")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert len(server.bodies()) == 2 * len(bodies), "--quiet must not stop the reports"
+
     server.answer = 500  # a failing server: one warning, same success
     result = status_server_run(tmp_path / "again", env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("progress report to Kubeflow Trainer failed") >= 1
 
 
-def status_server_run(tmp_path, env):
-    return run_tiny_job("train", "--output-dir", str(tmp_path / "out"), "--epochs", "2", env=env)
+def status_server_run(tmp_path, env, *extra):
+    args = ["train", "--output-dir", str(tmp_path / "out"), "--epochs", "2", *extra]
+    return run_tiny_job(*args, env=env)
