@@ -156,7 +156,7 @@ def test_platform_env_redirects_the_artifacts_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "s3://bucket/model" in result.stderr
     assert (tmp_path / "model" / "model.keras").is_file()
-    assert (tmp_path / "model" / "saved_model" / "saved_model.pb").is_file()
+    assert (tmp_path / "model" / "saved_model.pb").is_file()  # Vertex AI's import layout
     assert (tmp_path / "checkpoints" / "latest.npz").is_file()
     assert list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
     assert (tmp_path / "out" / "metrics.json").is_file()
