@@ -119,9 +119,14 @@ class Store:
 
 @pytest.fixture(scope="session")
 def stores() -> Iterator[dict[str, Store]]:
-    """Both local stores, their endpoints set in this process's environment."""
+    """Both local stores, their endpoints set in this process's environment.
+    Provided by tests/conftest.py: a test module that imports it defines a
+    second one, whose servers would replace these endpoints mid-session."""
+    if os.environ.get("MNIST_JOB_TEST_STORES"):
+        raise RuntimeError("the stores fixture started twice: don't import it, conftest has it")
     with moto_server() as s3_url, gcs_emulator() as gcs_url:
         env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_url, "STORAGE_EMULATOR_HOST": gcs_url}
+        env["MNIST_JOB_TEST_STORES"] = "1"
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:

@@ -36,7 +36,6 @@ from tests.docker_helpers import (
     wait_for_log,
     writable_volume,
 )
-from tests.stores import stores  # noqa: F401
 
 pytestmark = pytest.mark.docker
 
@@ -452,7 +451,7 @@ def test_cloud_clients_survive_the_pruning(cpu_image):
     assert "GCSFS_EXPERIMENTAL" not in result.stderr, result.stderr
 
 
-def test_cpu_image_trains_into_an_s3_bucket(cpu_image, stores):  # noqa: F811
+def test_cpu_image_trains_into_an_s3_bucket(cpu_image, stores):
     """`train --output-dir s3://...` from the image, against the tests' local
     S3 server (moto on 127.0.0.1, hence the host's network), found through the
     standard AWS variables: the artifacts land in the bucket."""
