@@ -146,7 +146,7 @@ def test_sigterm_checkpoints_to_the_bucket_and_exits_143(store, tmp_path):
 @pytest.mark.slow
 def test_two_runs_on_one_prefix_cannot_both_train(store, tmp_path):
     uri = store.uri()
-    args = ["train", "--output-dir", uri, "--epochs", "200"]
+    args = ["train", "--output-dir", uri, "--epochs", "100000"]
     first = start_tiny_job(*args, "--staging-dir", str(tmp_path / "a"), env=store.env)
     try:
         wait_for(f"{uri}/.mnist-job.lock", first)
