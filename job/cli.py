@@ -86,7 +86,7 @@ def train(verbose, sagemaker_model_dir, **options) -> None:
     show_default=False,
 )
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) -> None:
+def predict(model: Path | str, as_json: bool, save_preprocessed: Path | None, images) -> None:
     """Classify handwritten digits in image files, one digit per image.
 
     PNG, JPEG, BMP, GIF, TIFF or WebP of any size, grey or colour, dark ink on
@@ -102,7 +102,7 @@ def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) 
     from contextlib import nullcontext
 
     from job import artifacts, collector, dirlock
-    from job.model import load_model
+    from job.inputs import load_model
     from job.predict import BadImage, predict_files, printable
 
     _configure_logging(1, "text")
@@ -141,28 +141,32 @@ def predict(model: Path, as_json: bool, save_preprocessed: Path | None, images) 
 @data_dir_option
 @option(
     "--output-dir",
-    type=PATH,
+    type=LOCATION,
     default=None,
-    help="Where confusion_matrix.png and misclassified.png go. [default: the model's dir]",
+    help="Where confusion_matrix.png and misclassified.png go (a dir, gs:// or s3://). "
+    "[default: the model's dir]",
     show_default=False,
 )
 @json_option
-def evaluate(model: Path, data_dir: Path | None, output_dir: Path | None, as_json: bool) -> None:
+def evaluate(
+    model: Path | str, data_dir: Path | str | None, output_dir: Path | str | None, as_json: bool
+) -> None:
     """Test-set loss and accuracy, per-digit precision and recall, and two
     figures: confusion_matrix.png and misclassified.png (the most confident
     mistakes, with true digit, prediction and probability)."""
     from job import collector
-    from job.model import model_file
+    from job.inputs import model_location, parent
 
     _configure_logging(1, "text")
     from job.evaluate import evaluate as evaluate_model
 
+    model = model_location(model)
     with collector.paused():
         report, paths = evaluate_model(
-            model, resolve_data_dir(data_dir, os.environ), output_dir or model_file(model).parent
+            model, resolve_data_dir(data_dir, os.environ), output_dir or parent(model)
         )
     if as_json:
-        result = {"model": str(model_file(model)), **report.to_dict()}
+        result = {"model": str(model), **report.to_dict()}
         result["figures"] = {name: str(path) for name, path in paths.items()}
         click.echo(json.dumps(result, indent=2))
     else:
@@ -218,9 +222,9 @@ def data() -> None:
 
 @data.command()
 @data_dir_option
-def fetch(data_dir: Path | None) -> None:
+def fetch(data_dir: Path | str | None) -> None:
     """Download MNIST into the cache and verify its checksums."""
-    from job.data import fetch as fetch_mnist
+    from job.inputs import fetch_data as fetch_mnist
 
     _configure_logging(1, "text")
     click.echo(fetch_mnist(resolve_data_dir(data_dir, os.environ)))
@@ -228,9 +232,9 @@ def fetch(data_dir: Path | None) -> None:
 
 @data.command()
 @data_dir_option
-def verify(data_dir: Path | None) -> None:
+def verify(data_dir: Path | str | None) -> None:
     """Check the cached MNIST file (exit 3 if missing or corrupt); never downloads."""
-    from job.data import verify as verify_mnist
+    from job.inputs import verify_data as verify_mnist
 
     _configure_logging(1, "text")
     click.echo(f"{verify_mnist(resolve_data_dir(data_dir, os.environ))}: OK")

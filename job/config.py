@@ -31,6 +31,7 @@ MAX_PORT = 65535
 # job.data (which re-exports them), so that the layer check below can use them.
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10  # the digits 0-9
+MODEL_FILENAME = "model.keras"  # in an output dir, and what `--model DIR` looks for
 # Weights in one layer, at most: past this TensorFlow's int64 sizes overflow (a
 # traceback); up to it, a layer too big for memory (2**58 float32 are 1 EB, past
 # any address space) fails with one out-of-memory line.
@@ -160,7 +161,7 @@ class TrainConfig:
     # Derived locations: everything the chief writes lives under these.
     @property
     def model_path(self) -> Path:
-        return (self.model_dir or self.output_dir) / "model.keras"
+        return (self.model_dir or self.output_dir) / MODEL_FILENAME
 
     @property
     def saved_model_path(self) -> Path:

@@ -99,29 +99,48 @@ def figures(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -
     }
 
 
-def evaluate(model_path: Path, data_dir: Path, output_dir: Path, datasets=None):
-    """Evaluate the model at `model_path` (a model.keras or an output dir) on
+def evaluate(model: Path | str, data_dir: Path | str, output_dir: Path | str, datasets=None):
+    """Evaluate `model` (a model.keras or an output dir; a path or a URI) on
     the test set; write both figures to `output_dir`. Returns (Report, paths)."""
-    from job import artifacts, dirlock
-    from job.model import load_model
+    from job import inputs
 
-    model = load_model(model_path)
-    artifacts.ensure_writable_dir(output_dir, "output dir")
+    loaded = inputs.load_model(model)
+    _check_writable(output_dir)
     if datasets is None:
-        from job.data import load
-
-        datasets = load(data_dir)
+        datasets = inputs.load_data(data_dir)
     images, labels = datasets.x_test, datasets.y_test
-    probabilities = np.asarray(model.predict(images / np.float32(255), batch_size=1000, verbose=0))
+    probabilities = np.asarray(loaded.predict(images / np.float32(255), batch_size=1000, verbose=0))
     result = report(labels, probabilities)
-    paths = {}
-    # Not into a dir a training run holds: it writes figures of these names too.
-    with dirlock.held(output_dir):
-        for name, png in figures(images, labels, probabilities).items():
-            paths[name] = output_dir / f"{name}.png"
-            artifacts.write_bytes(paths[name], png)
+    paths = _write_figures(output_dir, figures(images, labels, probabilities))
     log.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
     return result, paths
+
+
+def _check_writable(output_dir: Path | str) -> None:
+    from job import artifacts, storage
+
+    if storage.is_uri(output_dir):
+        storage.check_writable(output_dir, "output dir")
+    else:
+        artifacts.ensure_writable_dir(output_dir, "output dir")
+
+
+def _write_figures(output_dir: Path | str, pngs: dict[str, bytes]) -> dict:
+    """Each figure as `<name>.png`, written whole. Not into a dir a training
+    run holds: it writes figures of these names too."""
+    from job import artifacts, bucketlock, dirlock, storage
+
+    if storage.is_uri(output_dir):
+        paths = {name: storage.join(output_dir, f"{name}.png") for name in pngs}
+        with bucketlock.held(output_dir):
+            for name, png in pngs.items():
+                storage.write_bytes(paths[name], png)
+        return paths
+    paths = {name: Path(output_dir) / f"{name}.png" for name in pngs}
+    with dirlock.held(Path(output_dir)):
+        for name, png in pngs.items():
+            artifacts.write_bytes(paths[name], png)
+    return paths
 
 
 def _fraction(value: float | None) -> str:

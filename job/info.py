@@ -250,14 +250,15 @@ def _cluster(config: TrainConfig, environ) -> tuple:
     }
 
 
-def _data(data_dir: Path) -> dict:
-    from job.data import MNIST_FILENAME, verify
+def _data(data_dir: Path | str) -> dict:
+    from job import inputs, storage
 
-    path = Path(data_dir) / MNIST_FILENAME
-    if not path.is_file():
+    path = inputs.data_file(data_dir)
+    present = storage.exists(path) if storage.is_uri(path) else path.is_file()
+    if not present:
         return {"path": str(path), "status": "missing", "detail": "fetched on first use"}
     try:
-        verify(data_dir)
+        inputs.verify_data(data_dir)
     except JobError as err:
         return {"path": str(path), "status": "corrupt", "detail": str(err)}
     return {"path": str(path), "status": "ok"}

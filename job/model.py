@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job.config import IMAGE_SHAPE, NUM_CLASSES
+from job.config import IMAGE_SHAPE, MODEL_FILENAME, NUM_CLASSES
 from job.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def compile_for_users(model: keras.Model, learning_rate: float) -> None:
 def model_file(path: Path) -> Path:
     """A model.keras path, or an output dir holding one -> the model.keras path."""
     path = Path(path)
-    return path / "model.keras" if path.is_dir() else path
+    return path / MODEL_FILENAME if path.is_dir() else path
 
 
 def load_model(path: Path):

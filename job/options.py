@@ -68,11 +68,29 @@ class Location(DirectoryPath):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and "://" in value:
-            try:
-                return storage.location(value)
-            except ConfigError as err:
-                self.fail(str(err), param, ctx)
+            return uri(self, value, param, ctx)
         return super().convert(value, param, ctx)
+
+
+class FileLocation(click.Path):
+    """A local file or directory, or a gs:// or s3:// URI."""
+
+    name = "path or URI"
+
+    def __init__(self):
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "://" in value:
+            return uri(self, value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def uri(param_type: click.ParamType, value: str, param, ctx) -> str:
+    try:
+        return storage.location(value)
+    except ConfigError as err:
+        param_type.fail(str(err), param, ctx)
 
 
 PATH = DirectoryPath()
@@ -123,9 +141,10 @@ worker_port_option = option(
 )
 model_option = option(
     "--model",
-    type=click.Path(path_type=Path),
+    type=FileLocation(),
     default=DEFAULTS.output_dir,
-    help="A model.keras file, or an output dir of `mnist-job train` holding one.",
+    help="A model.keras file, or an output dir of `mnist-job train` holding one; "
+    "a path, or a gs:// or s3:// URI.",
 )
 json_option = option(
     "--json", "as_json", is_flag=True, help="Print JSON for machines.", show_default=False

@@ -293,9 +293,9 @@ def _load_splits(config: TrainConfig, datasets):
     The numpy training images are dropped on return (47 MB that would
     otherwise stay alive next to their tensor copy for the whole run).
     """
-    from job.data import load
+    from job.inputs import load_data
 
-    mnist = datasets if datasets is not None else load(config.data_dir)
+    mnist = datasets if datasets is not None else load_data(config.data_dir)
     train = _InMemory(mnist.x_train[: config.max_train_samples], mnist.y_train)
     test = _InMemory(mnist.x_test, mnist.y_test)
     return train, test, (mnist.x_test, mnist.y_test)
