@@ -240,3 +240,21 @@ def discard_training_state(config: TrainConfig) -> None:
     from or mixed into the new run's."""
     shutil.rmtree(config.checkpoint_path.parent, ignore_errors=True)
     shutil.rmtree(config.tensorboard_path, ignore_errors=True)
+
+
+def check_workers_agree(strategy, global_step: int) -> None:
+    """Every worker must resume from the same checkpoint: they all read the
+    chief's, so the output dir must be one volume shared by all workers."""
+    import tensorflow as tf
+
+    @tf.function
+    def total_step():
+        return strategy.reduce(
+            "SUM", strategy.run(lambda: tf.constant(global_step, tf.int64)), axis=None
+        )
+
+    if int(total_step()) != global_step * strategy.num_replicas_in_sync:
+        raise ConfigError(
+            f"workers disagree on where to resume (this one: step {global_step}); "
+            "all workers must mount the same output dir"
+        )

@@ -79,6 +79,9 @@ class TrainConfig:
     num_images: int = 5  # panels in predictions.png
     overwrite: bool = False  # replace a finished run in output_dir
     checkpoint_every: int | None = None  # steps; checkpoints also end every epoch
+    # Global steps FIRST..LAST (1-based) traced by TensorFlow's profiler into
+    # the TensorBoard dir (job/profiler.py); None: no profiling.
+    profile_steps: tuple[int, int] | None = None
 
     # Where it runs.
     # XLA's compiled step, kept for later runs on one machine (job/compile_cache.py).
@@ -122,6 +125,14 @@ class TrainConfig:
         if not (self.join_timeout > 0 and math.isfinite(self.join_timeout)):
             raise ConfigError(
                 f"--join-timeout must be a positive number of seconds, got {self.join_timeout}"
+            )
+        if (
+            self.profile_steps is not None
+            and not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ConfigError(
+                "--profile-steps must be FIRST,LAST with 1 <= FIRST <= LAST, "
+                f"got {self.profile_steps}"
             )
         if not self.hidden_units or any(units < 1 for units in self.hidden_units):
             raise ConfigError(f"--hidden-units must be positive integers, got {self.hidden_units}")

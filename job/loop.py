@@ -21,8 +21,6 @@ do not trigger recompilation.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import time
 from collections.abc import Callable
@@ -33,34 +31,13 @@ import numpy as np
 import tensorflow as tf
 
 from job.checkpoint import TrainState
+from job.heap import release_free_memory
+from job.profiler import StepProfiler
 
 # Steps per compiled call, at most. Longer calls amortise the call overhead
 # better, but a SIGTERM is only seen between calls: 512 steps take ~0.1 s on
 # one CPU with XLA, ~2 s in the multi-worker graph path.
 MAX_CHUNK_STEPS = 512
-
-
-def _libc_malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the kernel (glibc only; ~20 ms).
-
-    XLA's compile of the training step allocates ~50 MB that it frees when
-    done, but glibc keeps freed memory mapped for reuse, in the middle of the
-    heap where its automatic trimming never reaches: without this the process
-    carries it, resident, to its end.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class NotFinite(Exception):
@@ -87,15 +64,18 @@ def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int) -> np
     return permutation[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
-def chunk_stop(step: int, steps: int, global_step: int, checkpoint_every: int | None) -> int:
+def chunk_stop(
+    step: int, steps: int, global_step: int, checkpoint_every: int | None, breaks=()
+) -> int:
     """Where a chunk that starts at `step` of an epoch of `steps` ends: at the
-    epoch's end, after MAX_CHUNK_STEPS, or at the next --checkpoint-every
-    boundary (in global steps, `global_step` being where the chunk starts),
-    whichever is first."""
+    epoch's end, after MAX_CHUNK_STEPS, at the next --checkpoint-every
+    boundary (in global steps, `global_step` being where the chunk starts), or
+    at the next of `breaks` (global steps), whichever is first."""
     stop = min(steps, step + MAX_CHUNK_STEPS)
     if checkpoint_every:
         stop = min(stop, step + checkpoint_every - global_step % checkpoint_every)
-    return stop
+    ahead = [b - global_step for b in breaks if b > global_step]
+    return min([stop, *(step + a for a in ahead)])
 
 
 def epoch_record(
@@ -258,11 +238,13 @@ class Trainer:
         on_epoch_end: Callable[[TrainState, dict], None],
         stop_requested: Callable[[], bool],
         on_chunk_end: Callable[[TrainState, float], None] | None = None,
+        profiler: StepProfiler | None = None,
     ) -> bool:
         """Train until `epochs` are complete; False if stopped early (after a
         checkpoint), True when done; NotFinite if training diverges.
         `state` is updated in place. `on_chunk_end(state, mean_loss)` follows
-        every compiled chunk of steps."""
+        every compiled chunk of steps; `profiler` traces the steps it names."""
+        profiler = profiler or StepProfiler(None, None)
         steps = state.steps_per_epoch
         while state.epoch < epochs:
             order = tf.constant(epoch_order(seed, state.epoch, train.size, self.global_batch))
@@ -271,7 +253,10 @@ class Trainer:
                 if self.single_process and stop_requested():
                     self._checkpoint(state, on_checkpoint)
                     return False
-                stop = chunk_stop(state.step, steps, state.global_step, checkpoint_every)
+                stop = chunk_stop(
+                    state.step, steps, state.global_step, checkpoint_every, profiler.breaks
+                )
+                profiler.chunk_starting(state.global_step)
                 loss_sum, correct, stop_all = self.run_chunk(
                     train, order, state.step, stop, stop_requested()
                 )
@@ -287,6 +272,7 @@ class Trainer:
                     state.correct + correct,
                     seconds_before + time.perf_counter() - started,
                 )
+                profiler.chunk_ended(state.global_step)
                 if on_chunk_end is not None:
                     on_chunk_end(state, loss_sum / chunk_steps)
                 if stop_all:

@@ -48,6 +48,21 @@ class HiddenUnits(click.ParamType):
         return units
 
 
+class StepRange(click.ParamType):
+    name = "FIRST,LAST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            first, last = (int(part) for part in str(value).split(","))
+        except ValueError:
+            first = last = 0
+        if not 1 <= first <= last:
+            self.fail(f"{value!r} is not FIRST,LAST with 1 <= FIRST <= LAST", param, ctx)
+        return first, last
+
+
 class DirectoryPath(click.Path):
     """A directory; an empty value is refused, where a plain Path would make it
     the working directory (and --overwrite would clear its checkpoints/)."""
@@ -216,6 +231,14 @@ TRAIN_OPTIONS = (
         type=POSITIVE,
         default=None,
         help="Also checkpoint every N steps. [default: every epoch only]",
+        show_default=False,
+    ),
+    option(
+        "--profile-steps",
+        type=StepRange(),
+        default=None,
+        help="Trace global steps FIRST to LAST with TensorFlow's profiler, for "
+        "TensorBoard's Profile tab. [default: off]",
         show_default=False,
     ),
     option(

@@ -134,7 +134,7 @@ def _prepare(config: TrainConfig, cluster: Cluster, datasets, strategy, mirror: 
         shown=mirror.shown,
     )
     if cluster.is_multi_worker:
-        _check_workers_agree(placement.strategy, state.global_step)
+        checkpoint.check_workers_agree(placement.strategy, state.global_step)
     resumed_from = {"epoch": state.epoch, "step": state.step} if state.global_step else None
     return _Job(
         config, mirror, placement, trainer, train, test, test_arrays, state, resumed_from, timings
@@ -147,6 +147,7 @@ def _train(job: _Job, summaries, termination: sigterm.Sigterm) -> None:
     import tensorflow as tf
 
     from job.loop import NotFinite
+    from job.profiler import StepProfiler
 
     config, placement, state = job.config, job.placement, job.state
     events = _TrainingEvents(job, summaries)
@@ -155,7 +156,10 @@ def _train(job: _Job, summaries, termination: sigterm.Sigterm) -> None:
     cache_dir = config.compile_cache if placement.compiles_with_xla and not placement.gpus else None
     started = time.perf_counter()
     try:
-        with compile_cache.offered(cache_dir, config.deterministic):
+        with (
+            compile_cache.offered(cache_dir, config.deterministic),
+            StepProfiler(config.profile_steps, events.profile_dir) as profiler,
+        ):
             finished = job.trainer.fit(
                 job.train,
                 job.test,
@@ -167,6 +171,7 @@ def _train(job: _Job, summaries, termination: sigterm.Sigterm) -> None:
                 on_epoch_end=events.epoch_end,
                 stop_requested=termination.received,
                 on_chunk_end=events.chunk_end,
+                profiler=profiler,
             )
     except NotFinite as err:
         raise Diverged(
@@ -234,6 +239,7 @@ class _TrainingEvents:
         self.config, self.summaries, self.mirror = job.config, summaries, job.mirror
         self.model, self.optimizer = job.trainer.model, job.trainer.optimizer
         self.is_chief = job.placement.is_chief
+        self.profile_dir = job.config.tensorboard_path / "train" if self.is_chief else None
         # Kubeflow Trainer's progress reports, where it asks for them.
         self.reporter = trainer_status.reporter(job.config.epochs) if self.is_chief else None
         self.progress = Progress(
@@ -299,21 +305,3 @@ def _load_splits(config: TrainConfig, datasets):
     train = _InMemory(mnist.x_train[: config.max_train_samples], mnist.y_train)
     test = _InMemory(mnist.x_test, mnist.y_test)
     return train, test, (mnist.x_test, mnist.y_test)
-
-
-def _check_workers_agree(strategy, global_step: int) -> None:
-    """Every worker must resume from the same checkpoint: they all read the
-    chief's, so the output dir must be one volume shared by all workers."""
-    import tensorflow as tf
-
-    @tf.function
-    def total_step():
-        return strategy.reduce(
-            "SUM", strategy.run(lambda: tf.constant(global_step, tf.int64)), axis=None
-        )
-
-    if int(total_step()) != global_step * strategy.num_replicas_in_sync:
-        raise ConfigError(
-            f"workers disagree on where to resume (this one: step {global_step}); "
-            "all workers must mount the same output dir"
-        )
