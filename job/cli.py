@@ -32,6 +32,7 @@ from job.options import (
     worker_port_option,
     worker_service_option,
 )
+from job.sweep_cli import sweep
 
 log = logging.getLogger("job")
 
@@ -213,6 +214,9 @@ def tensorboard(logdir: Path | str, host: str, port: int, tensorboard_args) -> N
     from job.board import serve
 
     serve(logdir, host, port, tensorboard_args)
+
+
+cli.add_command(sweep)
 
 
 @cli.group()
