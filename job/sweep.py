@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def option_name(name: str, where: str) -> str:
     if flag in OPTIONS:
         return flag
     if flag.replace("-", "_") in SWEEP_OWNED:
-        raise ConfigError(f"{where}: --{flag} is set by the sweep (each trial has its own dir)")
+        raise ConfigError(f"{where}: --{flag} is set by the sweep (each trial: one process, its own dir)")
     raise ConfigError(
         f"{where}: unknown option {name!r}; a sweep varies options of `train`: "
         + ", ".join(sorted(OPTIONS))
@@ -247,7 +248,11 @@ def train_config(settings: dict, output_dir, environ=os.environ):
     try:
         ctx = TRAIN.make_context("train", args, default_map=None)
     except click.ClickException as err:
-        raise ConfigError(err.format_message()) from None
+        message = err.format_message()
+        param = getattr(err, "param", None)
+        if param is not None and param.opts[0][2:] in settings:  # the spec's value, not the env's
+            message = re.sub(r" \(env var: '[^']*'\)", "", message)
+        raise ConfigError(message) from None
     options = {k: v for k, v in ctx.params.items() if k not in ("verbose", "sagemaker_model_dir")}
     return from_options({**options, "verbosity": 1}, environ)
 
