@@ -141,7 +141,9 @@ def option_name(name: str, where: str) -> str:
     if flag in OPTIONS:
         return flag
     if flag.replace("-", "_") in SWEEP_OWNED:
-        raise ConfigError(f"{where}: --{flag} is set by the sweep (each trial: one process, its own dir)")
+        raise ConfigError(
+            f"{where}: --{flag} is set by the sweep (each trial: one process, its own dir)"
+        )
     raise ConfigError(
         f"{where}: unknown option {name!r}; a sweep varies options of `train`: "
         + ", ".join(sorted(OPTIONS))
