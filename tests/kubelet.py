@@ -8,8 +8,9 @@ of the securityContext (fsGroup as a supplementary group owning the volumes),
 a read-only root filesystem, no new privileges, dropped capabilities, the CPU
 and memory limits (the memory limit with swap off, as a kubelet runs pods),
 `emptyDir` volumes as tmpfs mounts (what they hold counts against the memory
-limit here, as it would with `medium: Memory`) and each PersistentVolumeClaim
-as a host directory. Pods of an Indexed Job with a
+limit here, as it would with `medium: Memory`), each PersistentVolumeClaim
+as a host directory and each `configMap` volume as one holding its keys
+(`config_map_dir`), read-only. Pods of an Indexed Job with a
 `subdomain` join a user-defined docker network under the DNS name
 `<hostname>.<subdomain>`, as a headless Service names them.
 
@@ -385,6 +386,8 @@ def pod(
             args += ["--tmpfs", f"{target}:{options}"]
         elif "projected" in volume:
             args += ["--volume", f"{claims[mount['name']]}:{target}:ro"]
+        elif "configMap" in volume:  # a host dir made by config_map_dir
+            args += ["--volume", f"{claims[volume['configMap']['name']]}:{target}:ro"]
         elif "persistentVolumeClaim" in volume:
             claim = volume["persistentVolumeClaim"]
             source = Path(claims[claim["claimName"]])
@@ -433,6 +436,17 @@ def prepare_volume(path: Path, workload: dict) -> Path:
         path.chmod(0o2775)
     except PermissionError:
         path.chmod(0o777)  # not root, or no fsGroup: let any user write
+    return path
+
+
+def config_map_dir(path: Path, config_map: dict) -> Path:
+    """A host directory holding a ConfigMap's keys as files, as the kubelet
+    mounts a configMap volume (read-only; files readable by any user)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for key, value in config_map.get("data", {}).items():
+        (path / key).write_text(value)
+        (path / key).chmod(0o644)
+    path.chmod(0o755)
     return path
 
 
