@@ -12,8 +12,11 @@ WORKERS ?= 2
 PYTEST_ARGS ?=
 TENSORBOARD_HOST ?= localhost
 TENSORBOARD_PORT ?= 6006
+SWEEP_SPEC ?= docs/sweep-example.json
+SWEEP_DIR ?= outputs-sweep
+PARALLEL ?= 2
 
-.PHONY: help install train train-multiworker test test-fast lint format tensorboard bench bench-memory clean lock
+.PHONY: help install train train-multiworker sweep test test-fast lint format tensorboard bench bench-memory clean lock
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort \
@@ -32,6 +35,9 @@ train: $(VENV_STAMP) ## Train with the seed's settings into outputs/ (ARGS="--ep
 
 train-multiworker: $(VENV_STAMP) ## Train with WORKERS local worker processes (default 2)
 	$(PY) scripts/multiworker.py --workers $(WORKERS) -- --output-dir $(OUTPUT_DIR) $(ARGS)
+
+sweep: $(VENV_STAMP) ## Run SWEEP_SPEC's trials into SWEEP_DIR (outputs-sweep/), PARALLEL (2) at once; print the report
+	$(VENV)/bin/mnist-job sweep run $(SWEEP_SPEC) --output-dir $(SWEEP_DIR) --parallel $(PARALLEL)
 
 test: $(VENV_STAMP) ## Run every test (slow ones included; docker ones skip without an engine)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -60,7 +66,7 @@ lock: ## Regenerate requirements/*.txt from pyproject.toml (needs pip-tools)
 	scripts/lock.sh
 
 clean: ## Remove the venv, outputs and caches (not the MNIST cache)
-	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(OUTPUT_DIR) $(SWEEP_DIR) .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include docker/docker.mk

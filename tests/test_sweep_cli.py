@@ -89,3 +89,24 @@ def test_a_trial_that_fails_records_why(tmp_path):
     assert failed["exit_code"] == 2
     assert failed["error"].startswith("--batch-size 1000 is larger than the 320 training images")
     assert error_lines(result.stderr) == [f"mnist-job: error: {failed['error']}"]
+
+
+@pytest.mark.slow
+def test_trials_and_the_report_in_a_bucket(stores, spec, tmp_path):
+    """A pod writing its trial to s3:// (no volume), then the report there."""
+    from job import storage
+
+    uri = stores["s3"].uri("sweep")
+    env = {"JOB_COMPLETION_INDEX": "0", "MNIST_JOB_STAGING_DIR": str(tmp_path / "staging")}
+    result = run_tiny_job("sweep", "trial", str(spec), "--output-dir", uri, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("test_accuracy=")
+    report = run_tiny_job("sweep", "report", uri)
+    assert report.returncode == 0, report.stderr
+    found = json.loads(storage.read_bytes(f"{uri}/report.json"))
+    assert [(t["trial"], t["status"]) for t in found["trials"]] == [
+        (0, "finished"),
+        (1, "not started"),
+    ]
+    assert storage.read_bytes(f"{uri}/report.png")[:4] == b"\x89PNG"
+    assert json.loads(storage.read_bytes(f"{uri}/sweep.json"))["varied"] == ["seed"]
