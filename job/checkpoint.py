@@ -43,6 +43,7 @@ class TrainState:
     seconds: float = 0.0  # spent on the current epoch's steps, across resumes
     history: list[dict] = field(default_factory=list)  # one dict per completed epoch
     fingerprint: dict = field(default_factory=dict)  # settings that must not change
+    mlflow_run_id: str | None = None  # the MLflow run recording this training (job/tracking.py)
 
     @property
     def global_step(self) -> int:
@@ -107,6 +108,8 @@ def _check_state(state: TrainState) -> None:
         raise ValueError(f"bad running sums: {sums!r}")
     if not isinstance(state.fingerprint, dict):
         raise ValueError("bad fingerprint")
+    if not isinstance(state.mlflow_run_id, str | None):
+        raise ValueError(f"bad MLflow run id: {state.mlflow_run_id!r:.100}")
     if not isinstance(state.history, list) or len(state.history) != state.epoch:
         raise ValueError(f"bad history: not one record for each of {state.epoch} epochs")
     for epoch, record in enumerate(state.history, 1):

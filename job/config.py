@@ -98,6 +98,11 @@ class TrainConfig:
     verbosity: int = 1  # 0 quiet, 1 normal, 2 debug
     log_format: str = "auto"  # auto: progress bar on a terminal, lines otherwise
 
+    # MLflow tracking (job/tracking.py): on when a tracking URI is given.
+    mlflow_tracking_uri: str | None = None  # a server's URL or a store (sqlite:///PATH)
+    mlflow_experiment: str = "mnist-job"
+    mlflow_model_name: str | None = None  # registered model; None: logged, not registered
+
     def __post_init__(self) -> None:
         for name in LOCATIONS:  # gs:// and s3:// URIs as str, local paths as Path
             if (value := getattr(self, name)) is not None:
@@ -146,6 +151,13 @@ class TrainConfig:
             raise ConfigError(
                 f"--num-images must be between 0 and {MAX_NUM_IMAGES}, got {self.num_images}"
             )
+        for option, value in (
+            ("mlflow-tracking-uri", self.mlflow_tracking_uri),
+            ("mlflow-experiment", self.mlflow_experiment),
+            ("mlflow-model-name", self.mlflow_model_name),
+        ):
+            if value is not None and not value.strip():
+                raise ConfigError(f"--{option} must not be empty; leave it out for the default")
         for option, value, choices in (
             ("strategy", self.strategy, STRATEGIES),
             ("device", self.device, DEVICES),

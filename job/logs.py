@@ -55,9 +55,13 @@ def configure(verbosity: int, log_format: str, stream=None) -> logging.Handler:
     # every collective (a dozen lines per worker) or name internals (the
     # SavedModel's temporary path): shown with --verbose only.
     # The object stores' clients say at INFO where they found credentials and
-    # endpoints, once per client: --verbose only too.
-    for name in ("tensorflow", "botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
+    # endpoints, once per client; MLflow (and alembic) each step of a new
+    # database's set-up (~80 lines): --verbose only too.
+    for name in ("tensorflow", "botocore", "aiobotocore", "s3fs", "gcsfs", "google", "mlflow"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
+    # urllib3, under MLflow's client, warns of each retry; the job says what failed.
+    logging.getLogger("urllib3").setLevel(logging.NOTSET if verbosity >= 2 else logging.ERROR)
     # When a connection resets, aiohttp (under s3fs and gcsfs) leaves behind a
     # task whose error the client has already retried; asyncio logs it as a
     # traceback. Our own line says what failed and whether it is retried.

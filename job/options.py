@@ -298,6 +298,26 @@ TRAIN_OPTIONS = (
         "json: one object per line.",
     ),
     option("--verbose/--quiet", default=None, help="More or less logging.", show_default=False),
+    option(
+        "--mlflow-tracking-uri",
+        envvar=["MNIST_JOB_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"],
+        default=None,
+        help="Track the run in MLflow: a tracking server's URL, or a store such as "
+        "sqlite:///mlflow.db. [default: off]",
+        show_default=False,
+    ),
+    option(
+        "--mlflow-experiment",
+        envvar=["MNIST_JOB_MLFLOW_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME"],
+        default=DEFAULTS.mlflow_experiment,
+        help="The MLflow experiment of the run.",
+    ),
+    option(
+        "--mlflow-model-name",
+        default=None,
+        help="Also register the model in MLflow's model registry under this name. [default: off]",
+        show_default=False,
+    ),
     click.option("--model_dir", "sagemaker_model_dir", hidden=True, default=None),
 )
 

@@ -174,11 +174,11 @@ def publish(
 ):
     """The chief's last act: every artifact, then metrics.json, on disk and
     then in the bucket. `started`: the run's perf_counter() start, for the
-    total time it records."""
+    total time it records. Returns the model as saved (a plain keras.Model)."""
     mirror = mirror or Mirror(config)
     artifacts_started = time.perf_counter()
     epochs_done = len(metrics["history"])
-    _write_artifacts(config, trained, summaries, epochs_done)
+    saved = _write_artifacts(config, trained, summaries, epochs_done)
     metrics["timings"]["artifacts_seconds"] = time.perf_counter() - artifacts_started
     metrics["timings"]["total_seconds"] = time.perf_counter() - started
     summaries.hparams(
@@ -196,9 +196,10 @@ def publish(
         mirror.shown(config.output_dir),
         extra={"event": "end", "test": metrics["test"], "timings": metrics["timings"]},
     )
+    return saved
 
 
-def _write_artifacts(config: TrainConfig, trained: Trained, summaries, epochs_done: int) -> None:
+def _write_artifacts(config: TrainConfig, trained: Trained, summaries, epochs_done: int):
     from job.evaluate import figures
     from job.plots import predictions_panel
 
@@ -223,6 +224,7 @@ def _write_artifacts(config: TrainConfig, trained: Trained, summaries, epochs_do
     for name, png in figures(images, labels, probabilities).items():
         artifacts.write_bytes(config.output_dir / f"{name}.png", png)
         summaries.image(name, png, step=epochs_done)
+    return saved
 
 
 def _model_for_users(config: TrainConfig, trained: Trained):

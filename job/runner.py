@@ -19,6 +19,7 @@ from job.errors import ConfigError, Diverged, Terminated, WorkerLost
 from job.logs import Progress
 from job.mirror import Mirror
 from job.strategy import Cluster, Placement, log_placement, resolve_cluster, setup
+from job.tracking import tracked
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         from job.summaries import Summaries
 
         log_dir = job.config.tensorboard_path if cluster.is_chief else None
-        with contextlib.closing(Summaries(log_dir)) as summaries:
+        with (
+            contextlib.closing(Summaries(log_dir)) as summaries,
+            tracked(job.config, job.state, job.placement) as job.tracker,
+        ):
             summaries.graph(job.trainer.model)
             startup_done()  # the collector runs again during training, over new objects only
             termination.catch()  # from here on, SIGTERM means: checkpoint, then stop
@@ -77,6 +81,7 @@ class _Job:
     state: checkpoint.TrainState  # where training stands; updated in place
     resumed_from: dict | None  # the checkpoint's {"epoch", "step"}, None if a fresh start
     timings: dict  # seconds per phase, as metrics.json records them
+    tracker: object = None  # job.tracking.Tracker (MLflow), set by run()
 
 
 def _prepare(config: TrainConfig, cluster: Cluster, datasets, strategy, mirror: Mirror) -> _Job:
@@ -214,7 +219,8 @@ def _finish(job: _Job, summaries, started: float) -> RunResult:
     model = job.trainer.model
     if job.placement.is_chief:
         trained = outputs.Trained(model, job.trainer.optimizer, evaluation, *job.test_arrays)
-        outputs.publish(job.config, trained, metrics, summaries, started, job.mirror)
+        saved = outputs.publish(job.config, trained, metrics, summaries, started, job.mirror)
+        job.tracker.finish(job.config, metrics, saved, trained.test_images)
     return RunResult(metrics, model, workers=metrics["devices"]["workers"])
 
 
@@ -242,6 +248,7 @@ class _TrainingEvents:
         self.profile_dir = job.config.tensorboard_path / "train" if self.is_chief else None
         # Kubeflow Trainer's progress reports, where it asks for them.
         self.reporter = trainer_status.reporter(job.config.epochs) if self.is_chief else None
+        self.tracker = job.tracker
         self.progress = Progress(
             log, job.config.epochs, job.state.steps_per_epoch, job.config.batch_size
         )
@@ -275,6 +282,7 @@ class _TrainingEvents:
             self.mirror.logs_written()
         if self.reporter:
             self.reporter.epoch_end(record)
+        self.tracker.epoch_end(record)
         self.progress.update(state.epoch, 0)
 
     def chunk_end(self, state: checkpoint.TrainState, mean_loss: float) -> None:
