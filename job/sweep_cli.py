@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from job.errors import JobError
-from job.options import LOCATION
+from job.options import LOCATION, option
 
 log = logging.getLogger("job")
 
@@ -29,11 +29,12 @@ Exit codes of `sweep run`:
 """
 
 spec_argument = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
-output_dir_option = click.option(
+output_dir_option = option(
     "--output-dir",
     type=LOCATION,
     required=True,
     help="The sweep dir: sweep.json, trial-<i>/ per trial, the report.",
+    show_default=False,
 )
 
 
@@ -51,11 +52,10 @@ def sweep() -> None:
 @sweep.command(epilog=SWEEP_EXIT_CODES)
 @spec_argument
 @output_dir_option
-@click.option(
+@option(
     "--parallel",
     type=click.IntRange(min=1),
     default=1,
-    show_default=True,
     help="Trials at once on this machine; the CPUs are divided between them.",
 )
 def run(spec: Path, output_dir: Path, parallel: int) -> None:
@@ -83,12 +83,13 @@ def run(spec: Path, output_dir: Path, parallel: int) -> None:
 @sweep.command(epilog=SWEEP_EXIT_CODES)
 @spec_argument
 @output_dir_option
-@click.option(
+@option(
     "--index",
     type=click.IntRange(min=0),
-    envvar="JOB_COMPLETION_INDEX",
-    show_envvar=True,
+    # An Indexed Job's pod has JOB_COMPLETION_INDEX: its own trial.
+    envvar=["MNIST_JOB_INDEX", "JOB_COMPLETION_INDEX"],
     required=True,
+    show_default=False,
     help="The trial to run (0-based); an Indexed Job's pod has its own.",
 )
 def trial(spec: Path, output_dir: Path | str, index: int) -> None:
