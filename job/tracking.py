@@ -1,28 +1,16 @@
-"""MLflow tracking of a training run, where --mlflow-tracking-uri (or
-MLFLOW_TRACKING_URI) names a tracking server or store; otherwise nothing of
-MLflow is imported (it costs ~1 s).
+"""MLflow tracking of a run, where --mlflow-tracking-uri (or MLFLOW_TRACKING_URI)
+names a tracking server or store; otherwise mlflow is never imported (~1 s).
 
-The chief records one MLflow run in experiment --mlflow-experiment:
+The chief logs, in one MLflow run of experiment --mlflow-experiment: PARAMS
+and the training images; each epoch's EPOCH_METRICS at step = epoch; the test
+metrics and throughput; tags (versions, strategy, device, git commit); the
+figures and metrics.json; the model, with its signature and an input example,
+registered under --mlflow-model-name if given (docs/tracking.md).
 
-- params: the settings that change the result (PARAMS) and the training images;
-- metrics: each epoch's loss, accuracy, val_loss, val_accuracy and
-  images_per_second at step = epoch; at the end test_loss, test_accuracy and
-  train_images_per_second;
-- tags: versions, strategy, device, replicas, workers, the git commit if the
-  job runs from a git checkout;
-- artifacts: the figures and metrics.json; the model (MLflow's tensorflow
-  flavor, with its signature and an input example), registered under
-  --mlflow-model-name when given.
-
-The run's id is kept in the checkpoint (TrainState.mlflow_run_id), so a
-resumed run, here or on another machine from a bucket, continues the same
-MLflow run, and logs the epochs it lacks (say, killed between checkpoint and
-log).
-
-Tracking never fails a run: its first failure is one warning line, after
-which nothing more is sent, and the run ends with one line naming what was
-not logged. MLflow's HTTP retries, minutes against a dead server by default,
-are bounded by HTTP_DEFAULTS unless the environment sets them.
+The run id is kept in the checkpoint (TrainState.mlflow_run_id): a resumed run,
+here or from a bucket elsewhere, continues the same MLflow run and logs the
+epochs it lacks. Tracking never fails a run: its first failure is one warning,
+nothing is sent after it, and one line at the end names what was not logged.
 """
 
 from __future__ import annotations
@@ -46,15 +34,8 @@ from job.errors import Terminated
 log = logging.getLogger(__name__)
 
 # The settings of TrainConfig that change the trained model.
-PARAMS = (
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "hidden_units",
-    "seed",
-    "deterministic",
-    "max_train_samples",
-)
+PARAMS = ("epochs", "batch_size", "learning_rate", "hidden_units", "seed", "deterministic")
+PARAMS += ("max_train_samples",)
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "images_per_second")
 FIGURES = ("predictions.png", "confusion_matrix.png", "misclassified.png")
 EXAMPLE_IMAGES = 5  # the model's input example
@@ -99,8 +80,7 @@ class Tracker:
         self.run_id: str | None = None
         self.error: str | None = None  # the first failure: nothing is sent after it
         self.missed: list[str] = []  # what was not logged, for the last line
-        self.missed_epochs: list[int] = []  # told as one item of `missed`, at epochs_at
-        self.epochs_at = 0
+        self.missed_epochs: list[int] = []
 
     def start(self, state, placement) -> None:
         for name, value in {**HTTP_DEFAULTS, **QUIET_DEFAULTS}.items():
@@ -108,11 +88,7 @@ class Tracker:
         try:
             import mlflow
         except ImportError:
-            log.warning(
-                "MLflow tracking at %s is asked for, but mlflow is not installed "
-                "(pip install 'mnist-job[mlflow]'): training goes on untracked",
-                self.uri,
-            )
+            log.warning("mlflow is not installed (pip install 'mnist-job[mlflow]'): not tracked")
             return
         mlflow.set_tracking_uri(self.config.mlflow_tracking_uri)
         self.client = mlflow.MlflowClient(self.config.mlflow_tracking_uri)
@@ -193,7 +169,6 @@ class Tracker:
             return
         metrics = {name: record[name] for name in EPOCH_METRICS}
         if not self._send("", lambda: self._log_metrics(metrics, record["epoch"])):
-            self.epochs_at = len(self.missed) if not self.missed_epochs else self.epochs_at
             self.missed_epochs.append(record["epoch"])
 
     def finish(self, config: TrainConfig, metrics: dict, model, test_images: np.ndarray) -> None:
@@ -260,13 +235,10 @@ class Tracker:
         if self.missed_epochs:
             first, last = self.missed_epochs[0], self.missed_epochs[-1]
             epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
-            missed.insert(self.epochs_at, f"the metrics of {epochs}")
-        if "the run" in missed:
-            log.warning("MLflow: nothing was logged to %s (%s)", self.uri, self.error)
-        elif missed:
-            log.warning(
-                "MLflow: not logged to %s: %s (%s)", self.uri, ", ".join(missed), self.error
-            )
+            missed.insert(int("params and tags" in missed), f"the metrics of {epochs}")
+        if missed:
+            what = "everything" if "the run" in missed else ", ".join(missed)
+            log.warning("MLflow at %s, not logged: %s (%s)", self.uri, what, self.error)
 
     def _send(self, what: str, action) -> bool:
         """Run `action` unless tracking is off or has failed; True if it ran."""
@@ -277,12 +249,8 @@ class Tracker:
                 action()
                 return True
             except Exception as err:  # tracking never fails the run
-                self.error = _reason(err)
-                log.warning(
-                    "MLflow tracking at %s failed; training goes on, nothing more is sent: %s",
-                    self.uri,
-                    self.error,
-                )
+                self.error = err = _reason(err)
+                log.warning("MLflow at %s failed; the run goes on untracked: %s", self.uri, err)
         if what:
             self.missed.append(what)
         return False

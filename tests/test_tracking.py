@@ -262,8 +262,9 @@ def test_a_tracking_server_that_fails_is_one_warning_and_the_run_succeeds(tmp_pa
     assert (out / "metrics.json").exists()
     warnings = [line for line in done.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 2, warnings
-    assert "training goes on, nothing more is sent" in warnings[0] and reason in warnings[0]
-    assert f"MLflow: nothing was logged to {url} (" in warnings[1] and reason in warnings[1]
+    assert f"MLflow at {url} failed; the run goes on untracked: " in warnings[0]
+    assert f"MLflow at {url}, not logged: everything (" in warnings[1]
+    assert reason in warnings[0] and reason in warnings[1]
     assert "Traceback" not in done.stderr
 
 
@@ -289,10 +290,10 @@ def test_a_server_lost_mid_run_stops_tracking_and_names_what_was_not_logged(
         run(config, datasets=tiny)
     finally:
         proxy.close()
-    failures = [r for r in caplog.records if "nothing more is sent" in r.getMessage()]
+    failures = [r for r in caplog.records if "goes on untracked" in r.getMessage()]
     assert len(failures) == 1
     summary = [r for r in caplog.records if r.name == "job.tracking"][-1].getMessage()
-    assert summary.startswith(f"MLflow: not logged to {proxy.url}: the metrics of epoch 2, ")
+    assert summary.startswith(f"MLflow at {proxy.url}, not logged: the metrics of epoch 2, ")
     assert summary.count("metrics.json") == 1 and "the model" in summary
     recorded = only_run(mlflow_server, "lost")
     assert [step for step, _ in epoch_series(mlflow_server, recorded.info.run_id)] == [1]
