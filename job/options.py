@@ -301,23 +301,10 @@ TRAIN_OPTIONS = (
     option(
         "--mlflow-tracking-uri",
         envvar=["MNIST_JOB_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"],
-        default=None,
-        help="Track the run in MLflow: a tracking server's URL, or a store such as "
-        "sqlite:///mlflow.db. [default: off]",
-        show_default=False,
+        help="Track the run in MLflow: a server's URL, or sqlite:///PATH. [default: off]",
     ),
-    option(
-        "--mlflow-experiment",
-        envvar=["MNIST_JOB_MLFLOW_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME"],
-        default=DEFAULTS.mlflow_experiment,
-        help="The MLflow experiment of the run.",
-    ),
-    option(
-        "--mlflow-model-name",
-        default=None,
-        help="Also register the model in MLflow's model registry under this name. [default: off]",
-        show_default=False,
-    ),
+    option("--mlflow-experiment", default=DEFAULTS.mlflow_experiment, help="MLflow experiment."),
+    option("--mlflow-model-name", help="Also register the model in MLflow under this name."),
     click.option("--model_dir", "sagemaker_model_dir", hidden=True, default=None),
 )
 

@@ -24,7 +24,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -75,7 +74,8 @@ class Tracker:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.uri = _shown(config.mlflow_tracking_uri or "")
+        # For the log: the URI without a password it may hold.
+        self.uri = re.sub(r"(?<=//)[^/@]*:[^/@]*@", "", config.mlflow_tracking_uri or "")
         self.client = None  # MlflowClient while tracking
         self.run_id: str | None = None
         self.error: str | None = None  # the first failure: nothing is sent after it
@@ -90,7 +90,6 @@ class Tracker:
         except ImportError:
             log.warning("mlflow is not installed (pip install 'mnist-job[mlflow]'): not tracked")
             return
-        mlflow.set_tracking_uri(self.config.mlflow_tracking_uri)
         self.client = mlflow.MlflowClient(self.config.mlflow_tracking_uri)
         self._send("the run", lambda: self._open(state))
         self._send("params and tags", lambda: self._describe(state, placement, mlflow.__version__))
@@ -208,6 +207,7 @@ class Tracker:
         # MLflow checks the example by predicting with Keras' progress bar on
         # stdout, and prints the registration on stderr: the job logs its own.
         with (
+            _tracking_uri(mlflow, self.config.mlflow_tracking_uri),
             mlflow.start_run(run_id=self.run_id, log_system_metrics=False),
             contextlib.redirect_stdout(io.StringIO()),
             contextlib.redirect_stderr(io.StringIO()),
@@ -261,6 +261,20 @@ class Tracker:
         return f"{self.uri} (experiment {self.config.mlflow_experiment})"
 
 
+@contextlib.contextmanager
+def _tracking_uri(mlflow, uri: str) -> Iterator[None]:
+    """MLflow's global URI for the block, which log_model needs; it also sets
+    MLFLOW_TRACKING_URI, which the processes started later must not inherit."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unsets MLFLOW_TRACKING_URI
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def _artifact_location(config: TrainConfig) -> str | None:
     """Beside a sqlite:/// database (in mlartifacts/), not in MLflow's default
     ./mlruns of whatever the working directory is; None: the server's choice."""
@@ -286,14 +300,6 @@ def git_commit() -> str | None:
 def _text(value) -> str:
     """A param's value as the command line takes it: hidden units as 128,64."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _shown(uri: str) -> str:
-    """`uri` without a password it may hold."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def _reason(err: Exception) -> str:

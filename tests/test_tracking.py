@@ -57,8 +57,11 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def mlflow_variables_restored():
     """Tracking sets MLflow's variables in its process: not beyond a test."""
-    saved = {name: os.environ.get(name) for name in (*HTTP_DEFAULTS, *QUIET_DEFAULTS)}
+    names = (*HTTP_DEFAULTS, *QUIET_DEFAULTS, "MLFLOW_TRACKING_URI")
+    saved = {name: os.environ.get(name) for name in names}
     yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # as the test found it
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
@@ -188,15 +191,21 @@ def test_a_preempted_run_resumes_the_same_mlflow_run(tmp_path, tiny, tiny_config
     assert resumed.info.run_id == stopped.info.run_id
 
 
-def test_a_run_cut_short_untracked_is_tracked_whole_when_resumed(tmp_path, tiny, tiny_config):
-    """Tracking turned on for the rerun (or its server down before): the
-    epochs trained before are logged from the checkpoint's history."""
+@pytest.mark.parametrize("first", ["untracked", "another store"])
+def test_a_resumed_run_new_to_the_store_gets_every_epoch(
+    tmp_path, tiny, tiny_config, first, caplog
+):
+    """Tracking turned on for the rerun, its server down before, or another
+    store now: the epochs trained before are logged from the checkpoint."""
     from tests.conftest import cut_short_after_one_epoch
 
-    cut_short_after_one_epoch(tiny_config, tiny)
+    other = f"sqlite:///{tmp_path}/other.db" if first == "another store" else None
+    cut_short_after_one_epoch(tiny_config.replace(mlflow_tracking_uri=other), tiny)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run(tiny_config.replace(mlflow_tracking_uri=uri), datasets=tiny)
     assert_recorded(uri, tiny_config.output_dir, epochs=2)
+    starting_anew = [r for r in caplog.records if "starting a new one" in r.getMessage()]
+    assert len(starting_anew) == (first == "another store")
 
 
 @pytest.mark.slow
@@ -325,7 +334,7 @@ def train(**options):
     """A command with train's options, to read what click makes of them."""
 
 
-def test_the_tracking_uri_comes_from_the_flag_then_mnist_job_then_mlflow_variables(
+def test_the_tracking_uri_comes_from_the_flag_then_mnist_job_then_mlflows_variable(
     monkeypatch,
 ):
     for name in [name for name in os.environ if "MLFLOW" in name]:
@@ -337,8 +346,8 @@ def test_the_tracking_uri_comes_from_the_flag_then_mnist_job_then_mlflow_variabl
 
     assert tracking() == (None, "mnist-job")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "theirs")
-    assert tracking() == ("http://mlflow:5000", "theirs")
+    monkeypatch.setenv("MNIST_JOB_MLFLOW_EXPERIMENT", "mine")
+    assert tracking() == ("http://mlflow:5000", "mine")
     monkeypatch.setenv("MNIST_JOB_MLFLOW_TRACKING_URI", "sqlite:///mine.db")
     assert tracking()[0] == "sqlite:///mine.db"
     assert tracking("--mlflow-tracking-uri", "http://flag")[0] == "http://flag"
@@ -349,3 +358,10 @@ def test_empty_mlflow_settings_are_refused():
         with pytest.raises(ConfigError, match="must not be empty"):
             TrainConfig(**{field: " "})
     assert from_options({"mlflow_tracking_uri": None}, {}).mlflow_tracking_uri is None
+
+
+def test_the_log_shows_the_tracking_uri_without_its_password():
+    from job.tracking import Tracker
+
+    config = TrainConfig(mlflow_tracking_uri="https://me:s3cret@mlflow.example/")
+    assert Tracker(config).uri == "https://mlflow.example/"
