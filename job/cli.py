@@ -23,6 +23,7 @@ from job.options import (
     PATH,
     compile_cache_option,
     data_dir_option,
+    export_options,
     json_option,
     model_option,
     num_workers_option,
@@ -173,6 +174,19 @@ def evaluate(
     else:
         click.echo(report.text())
         click.echo("figures: " + ", ".join(str(p) for p in paths.values()))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@export_options
+def export(model: Path | str, export_format: str, output: Path | None, version) -> None:
+    """Export the model as a SavedModel, ONNX or LiteRT file, checked against
+    Keras by its own runtime before it is put in place (else exit 1)."""
+    from job import collector
+    from job.export import export as export_model
+
+    _configure_logging(1, "text")
+    with collector.paused():
+        click.echo(export_model(model, export_format, output, version).line())
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

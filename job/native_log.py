@@ -52,6 +52,9 @@ NATIVE_LINE = re.compile(
     r"(?P<level>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ (?P<source>[^\s\]]+:\d+)\] (?P<message>.*)"
 )
 BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# LiteRT's own logger (`mnist-job export` runs a .tflite file) writes its INFO
+# lines as `INFO: message`, e.g. "Created TensorFlow Lite XNNPACK delegate for CPU.".
+LITERT_INFO = "INFO: "
 LEVELS = {"I": 0, "W": 1, "E": 2, "F": 3}
 LEVEL_NAMES = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 
@@ -82,6 +85,8 @@ def shown(line: str, min_level: int) -> bool:
     known-harmless E lines; E lines otherwise and F lines always show."""
     if line == BANNER:
         return min_level < 2
+    if line.startswith(LITERT_INFO):
+        return min_level < 1
     native = NATIVE_LINE.fullmatch(line)
     if native is None:
         return True

@@ -314,3 +314,43 @@ def train_options(command):
     for decorator in reversed(TRAIN_OPTIONS):
         command = decorator(command)
     return command
+
+
+# `export`'s options. Variables MNIST_JOB_EXPORT_*: a pod configured for train
+# may well set a generic MNIST_JOB_OUTPUT or MNIST_JOB_VERSION for other ends.
+EXPORT_OPTIONS = (
+    model_option,
+    option(
+        "--format",
+        "export_format",
+        envvar="MNIST_JOB_EXPORT_FORMAT",
+        type=click.Choice(("saved_model", "onnx", "litert")),
+        required=True,
+        help="saved_model (TensorFlow, TF Serving), onnx (ONNX Runtime) or litert (.tflite).",
+    ),
+    option(
+        "--output",
+        envvar="MNIST_JOB_EXPORT_OUTPUT",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Where the export goes (a local path). [default: saved_model/, model.onnx or "
+        "model.tflite beside the model]",
+        show_default=False,
+    ),
+    option(
+        "--version",
+        envvar="MNIST_JOB_EXPORT_VERSION",
+        type=POSITIVE,
+        default=None,
+        help="saved_model only: write TF Serving's layout, OUTPUT/VERSION/, never "
+        "replacing a version. [default: no version dir]",
+        show_default=False,
+    ),
+)
+
+
+def export_options(command):
+    """Decorate `command` with every option of `export`."""
+    for decorator in reversed(EXPORT_OPTIONS):
+        command = decorator(command)
+    return command

@@ -33,8 +33,9 @@ AOT = (
     "machine features: [+64bit,+adx,+avx512f] vs host machine features: [64bit,adx]. "
     "This could lead to execution errors such as SIGILL."
 )
+LITERT_XNNPACK = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 NOISE = [BANNER, ONEDNN, CPU_GUARD, CACHE_TEXT_FORMAT, AOT.format(feature="prefer-no-scatter"),
-         AOT.format(feature="prefer-no-gather")]  # fmt: skip
+         AOT.format(feature="prefer-no-gather"), LITERT_XNNPACK]  # fmt: skip
 # What must always reach the user.
 REAL_ERROR = "E0000 00:00:1796405715.9   16172 cuda_dnn.cc:522] Could not create cudnn handle"
 FATAL = "F0000 00:00:1796405716.1   16172 tensor.cc:844] Check failed: shape mismatch"
