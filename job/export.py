@@ -133,6 +133,7 @@ def export(
     check_target(target, fmt, versioned=version is not None)
     keras_model = load_model(model)
     images = verification_images()
+    # Before writing: Keras exports ONNX only from a model that has been called.
     expected = np.asarray(keras_model(images, training=False))
     with errors.explained(), artifacts.atomic_path(target) as tmp:
         start = time.perf_counter()
@@ -191,8 +192,9 @@ def verify(fmt: str, path: Path, images: np.ndarray, expected: np.ndarray) -> fl
         )
     diff = float(max(np.abs(batch - expected).max(), np.abs(single - expected[:1]).max()))
     if not diff <= TOLERANCE:  # also when a difference is NaN
+        by = "NaN (outputs that are not numbers)" if np.isnan(diff) else f"up to {diff:.2g}"
         raise VerificationFailed(
-            f"{RUNTIMES[fmt]}'s predictions differ from Keras' by up to {diff:.2g} "
+            f"{RUNTIMES[fmt]}'s predictions differ from Keras' by {by} "
             f"(tolerance {TOLERANCE:.0e}); nothing written"
         )
     return diff
