@@ -18,12 +18,12 @@ import click
 from job import __version__
 from job.config import from_options, resolve_data_dir
 from job.errors import EXIT_CODES_HELP, DataError, ExitCode, JobError
+from job.export_cli import export
 from job.options import (
     LOCATION,
     PATH,
     compile_cache_option,
     data_dir_option,
-    export_options,
     json_option,
     model_option,
     num_workers_option,
@@ -177,19 +177,6 @@ def evaluate(
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@export_options
-def export(model: Path | str, export_format: str, output: Path | None, version) -> None:
-    """Export the model as a SavedModel, ONNX or LiteRT file, checked against
-    Keras by its own runtime before it is put in place (else exit 1)."""
-    from job import collector
-    from job.export import export as export_model
-
-    _configure_logging(1, "text")
-    with collector.paused():
-        click.echo(export_model(model, export_format, output, version).line())
-
-
-@cli.command(epilog=EXIT_CODES_HELP)
 @output_dir_option
 @data_dir_option
 @compile_cache_option
@@ -230,6 +217,7 @@ def tensorboard(logdir: Path | str, host: str, port: int, tensorboard_args) -> N
     serve(logdir, host, port, tensorboard_args)
 
 
+cli.add_command(export)
 cli.add_command(sweep)
 
 

@@ -1,6 +1,7 @@
-"""`mnist-job export` (job/export.py): each format written from a trained model
-and run by its own runtime as a user would, TF Serving's version layout, and
-every way it fails: one line, its exit code, nothing at the output path."""
+"""job/export.py: each format written from a trained model and run by its own
+runtime as a user would, TF Serving's version layout, a model in a bucket, and
+verification refusing a file that is not the model. The command's exit codes
+and messages: test_export_cli.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from job import export, storage
 from job.errors import ConfigError, ExitCode
-from tests.conftest import error_lines, run_job
+from tests.conftest import run_job
 
 FORMATS = ("saved_model", "onnx", "litert")
 
@@ -64,19 +65,6 @@ def test_each_format_runs_in_its_runtime_as_keras_does(model, finished_run, tiny
     assert accuracy == (keras_probabilities.argmax(1) == tiny.y_test).mean()
 
 
-def test_the_command_writes_beside_the_model_and_says_what_it_checked(model, tmp_path):
-    local = tmp_path / "run"
-    local.mkdir()
-    shutil.copy(model, local / "model.keras")
-    result = run_job("export", "--model", str(local), "--format", "onnx")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{local / 'model.onnx'}: onnx, ")
-    assert "onnxruntime" in result.stdout and "matches Keras" in result.stdout
-    assert sorted(p.name for p in local.iterdir()) == ["model.keras", "model.onnx"]
-    # TensorFlow's and the converters' chatter stays off stderr.
-    assert result.stderr == ""
-
-
 def test_versions_for_tf_serving_are_added_never_replaced(model, tmp_path):
     base = tmp_path / "models" / "mnist"
     first = export.export(model, "saved_model", output=base, version=1)
@@ -111,58 +99,6 @@ def test_an_export_that_does_not_match_keras_fails_and_is_not_written(model, tmp
     assert failed.value.exit_code == ExitCode.FAILURE
     with pytest.raises(export.VerificationFailed, match="cannot run the litert export"):
         export.verify("litert", other, images, expected)  # not a .tflite inside
-
-
-@pytest.mark.parametrize("fmt", ["onnx", "litert"])
-def test_a_model_no_runtime_can_match_exits_1_with_nothing_at_the_output(model, tmp_path, fmt):
-    import keras
-
-    broken = keras.saving.load_model(model, compile=False)
-    weights = broken.get_weights()
-    weights[-1][3] = np.nan  # outputs NaN: never equal to anything, itself included
-    broken.set_weights(weights)
-    broken.save(tmp_path / "model.keras")
-    out = tmp_path / "out" / export.DEFAULT_NAMES[fmt]
-
-    result = run_job("export", "--model", str(tmp_path), "--format", fmt, "--output", str(out))
-    assert result.returncode == ExitCode.FAILURE
-    (line,) = error_lines(result.stderr)
-    assert "differ from Keras' by NaN" in line and "nothing written" in line
-    assert "Traceback" not in result.stderr
-    assert list(out.parent.iterdir()) == []  # neither the export nor a temporary
-
-
-def write_file(path, content: bytes):
-    path.write_bytes(content)
-    return path
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model", "{tmp}/nowhere", "--format", "onnx"], "no model at {tmp}/nowhere:"),
-        (["--model", "{tmp}/bad.keras", "--format", "onnx"], "not a complete .keras file"),
-        (["--model", "{model}", "--format", "torch"], "'torch' is not one of"),
-        (["--model", "{model}"], "Missing option '--format'"),
-        (["--model", "{model}", "--format", "onnx", "--output", "{tmp}/bad.keras/m.onnx"],
-         "--output dir {tmp}/bad.keras is not writable"),
-        (["--model", "{model}", "--format", "litert", "--output", "{tmp}/m.bin"], "end in .tflite"),
-        (["--model", "{model}", "--format", "onnx", "--version", "1"], "saved_model only"),
-        (["--model", "{model}", "--format", "saved_model", "--output", "{tmp}"],
-         "{tmp} exists and is not a SavedModel: not replaced"),
-    ],
-)  # fmt: skip
-def test_bad_input_is_one_line_and_exit_2(model, tmp_path, args, message):
-    write_file(tmp_path / "bad.keras", b"PK\x03\x04 truncated")
-    args = [arg.format(tmp=tmp_path, model=model) for arg in args]
-    before = sorted(p.name for p in tmp_path.iterdir())
-
-    result = run_job("export", *args)
-    assert result.returncode == ExitCode.USAGE, result.stderr
-    (line,) = error_lines(result.stderr)
-    assert message.format(tmp=tmp_path) in line
-    assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_model_in_a_bucket_is_exported_to_a_local_path(model, stores, tmp_path):
