@@ -14,23 +14,18 @@ import click
 from job.errors import EXIT_CODES_HELP
 from job.options import POSITIVE, model_option, option
 
-# Variables MNIST_JOB_EXPORT_*, not MNIST_JOB_<OPTION>: a pod configured for
-# train may well set a plain MNIST_JOB_OUTPUT or MNIST_JOB_VERSION for its own ends.
-
 
 @click.command(epilog=EXIT_CODES_HELP)
 @model_option
 @option(
     "--format",
     "export_format",
-    envvar="MNIST_JOB_EXPORT_FORMAT",
     type=click.Choice(("saved_model", "onnx", "litert")),
     required=True,
     help="saved_model (TensorFlow, TF Serving), onnx (ONNX Runtime) or litert (.tflite).",
 )
 @option(
     "--output",
-    envvar="MNIST_JOB_EXPORT_OUTPUT",
     type=click.Path(path_type=Path),
     default=None,
     help="Where the export goes, a local path. [default: saved_model/, model.onnx or "
@@ -39,7 +34,6 @@ from job.options import POSITIVE, model_option, option
 )
 @option(
     "--version",
-    envvar="MNIST_JOB_EXPORT_VERSION",
     type=POSITIVE,
     default=None,
     help="saved_model only: TF Serving's layout, the SavedModel in OUTPUT/VERSION/ "
