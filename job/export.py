@@ -78,7 +78,7 @@ class Exported:
 
 
 def target_path(
-    model: Path | str, fmt: str, output: Path | None = None, version: int | None = None
+    model: Path | str, fmt: str, output: Path | str | None = None, version: int | None = None
 ) -> Path:
     """Where the export goes: `output` (for a file format, an existing dir
     there gets the default name inside it), or the default name beside the
@@ -86,6 +86,10 @@ def target_path(
     is `output` or `serving/` beside the model."""
     if version is not None and fmt != "saved_model":
         raise ConfigError("--version applies to --format saved_model only")
+    if storage.is_uri(output):
+        # Verified on disk first anyway; a bucket copy of a SavedModel dir
+        # would be many objects, visible to TF Serving before they all are.
+        raise ConfigError(f"--output {output}: exports are written to a local path")
     if output is None:
         if storage.is_uri(model):
             raise ConfigError(f"the model is in a bucket ({model}): pass --output, a local path")
@@ -122,7 +126,7 @@ def check_target(target: Path, fmt: str, versioned: bool) -> None:
 
 
 def export(
-    model: Path | str, fmt: str, output: Path | None = None, version: int | None = None
+    model: Path | str, fmt: str, output: Path | str | None = None, version: int | None = None
 ) -> Exported:
     """Export the model at `model` (a model.keras file, an output dir holding
     one, or a gs:// / s3:// URI) as `fmt`; see target_path for where."""

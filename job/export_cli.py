@@ -26,7 +26,7 @@ from job.options import POSITIVE, model_option, option
 )
 @option(
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a str: a gs:// or s3:// URI is refused by name, not mangled
     default=None,
     help="Where the export goes, a local path. [default: saved_model/, model.onnx or "
     "model.tflite beside the model]",
@@ -41,7 +41,7 @@ from job.options import POSITIVE, model_option, option
     "replaced. [default: no version dir]",
     show_default=False,
 )
-def export(model: Path | str, export_format: str, output: Path | None, version) -> None:
+def export(model: Path | str, export_format: str, output: str | None, version) -> None:
     """Export the model as a SavedModel, an ONNX file or a LiteRT (.tflite) file:
     float32 [batch, 28, 28] in [0, 1] -> [batch, 10] probabilities.
 

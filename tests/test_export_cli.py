@@ -70,6 +70,8 @@ def write_file(path, content: bytes):
         (["--model", "{model}", "--format", "onnx", "--output", "{tmp}/bad.keras/m.onnx"],
          "--output dir {tmp}/bad.keras is not writable"),
         (["--model", "{model}", "--format", "litert", "--output", "{tmp}/m.bin"], "end in .tflite"),
+        (["--model", "{model}", "--format", "onnx", "--output", "s3://bucket/m.onnx"],
+         "exports are written to a local path"),
         (["--model", "{model}", "--format", "onnx", "--version", "1"], "saved_model only"),
         (["--model", "{model}", "--format", "saved_model", "--output", "{tmp}"],
          "{tmp} exists and is not a SavedModel: not replaced"),
