@@ -55,7 +55,8 @@ VERIFY_IMAGES = 32
 
 class VerificationFailed(JobError):
     """The runtime's predictions differ from Keras', or it cannot run the file
-    at all. Exit 1: a bug of a converter or a runtime, not of the command."""
+    at all: the file is not the model (a converter's or a runtime's bug, or a
+    model whose outputs are not numbers). Exit 1, as any unexpected failure."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,9 @@ def write(keras_model, fmt: str, path: Path) -> None:
                     verbose=False,
                     target_spec={"supported_ops": builtins},
                 )
-    except OSError:
-        raise  # the volume's: errors.explained turns it into one line
     except Exception as err:
+        if errors.explain(err) is not None:
+            raise  # a full or read-only volume: errors.explained makes it exit 2
         raise JobError(f"exporting to {fmt} failed: {_first_line(err)}") from err
 
 

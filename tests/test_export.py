@@ -14,7 +14,7 @@ from job import export, storage
 from job.errors import ConfigError, ExitCode
 from tests.conftest import run_job
 
-FORMATS = ("saved_model", "onnx", "litert")
+FORMATS = export.FORMATS
 
 
 def run_in_runtime(fmt: str, path, images: np.ndarray) -> np.ndarray:
