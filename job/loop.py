@@ -226,6 +226,24 @@ class Trainer:
         loss, accuracy, probabilities = self._evaluate(data.images, data.labels)
         return Evaluation(float(loss), float(accuracy), probabilities.numpy())
 
+    def _end_epoch(self, state: TrainState, test, on_checkpoint, on_epoch_end) -> None:
+        """Validate, record the epoch in `state`, checkpoint, then tell the runner."""
+        record = epoch_record(
+            state.epoch + 1,
+            state.steps_per_epoch,
+            self.global_batch,
+            state.loss_sum,
+            state.correct,
+            state.seconds,
+            self.evaluate(test),
+        )
+        state.history.append(record)
+        state.epoch, state.step, state.loss_sum, state.correct, state.seconds = (
+            state.epoch + 1, 0, 0.0, 0.0, 0.0
+        )  # fmt: skip
+        self._checkpoint(state, on_checkpoint)
+        on_epoch_end(state, record)
+
     def fit(
         self,
         train,
@@ -280,20 +298,5 @@ class Trainer:
                     return False
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and stop < steps:
                     self._checkpoint(state, on_checkpoint)
-            validation = self.evaluate(test)
-            record = epoch_record(
-                state.epoch + 1,
-                steps,
-                self.global_batch,
-                state.loss_sum,
-                state.correct,
-                state.seconds,
-                validation,
-            )
-            state.history.append(record)
-            state.epoch, state.step, state.loss_sum, state.correct, state.seconds = (
-                state.epoch + 1, 0, 0.0, 0.0, 0.0
-            )  # fmt: skip
-            self._checkpoint(state, on_checkpoint)
-            on_epoch_end(state, record)
+            self._end_epoch(state, test, on_checkpoint, on_epoch_end)
         return True

@@ -205,7 +205,12 @@ def parse_train(container: dict, monkeypatch, extra_env: dict | None = None) -> 
 @pytest.mark.parametrize("name", JOB_FILES)
 def test_env_vars_are_real_options_and_parse(name, monkeypatch):
     container = trainer(job_of(name))
-    known = {param.envvar for param in train.params if isinstance(param, click.Option)}
+    known = {
+        var
+        for param in train.params
+        if isinstance(param, click.Option)
+        for var in ([param.envvar] if isinstance(param.envvar, str) else param.envvar or [])
+    }
     for var in env_of(container):
         if var.startswith("MNIST_JOB_"):
             assert var in known, f"{name}: {var} is not an option of mnist-job train"
