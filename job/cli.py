@@ -253,7 +253,9 @@ def _configure_logging(verbosity: int, log_format: str) -> None:
     # Before TensorFlow loads, so that its C++ lines are filtered from the first.
     native_log.start(verbosity, log_format)
     configure(verbosity, log_format)
-    if verbosity < 2:
+    if verbosity >= 2:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # the flag says all, whatever is inherited
+    else:
         # TensorFlow's C++ start-up chatter (CPU features, XLA's service) is
         # noise here; native_log hides the lines that ignore this (2.21).
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

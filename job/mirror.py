@@ -141,17 +141,28 @@ class Mirror:
         path = self.local.checkpoint_path
         if uri := self.remote(path):
             self._check_lock()
-            try:
+            with self._naming_the_kept_checkpoint():
                 storage.upload(path, uri)
-            except JobError as err:
-                raise JobError(f"{err}; the checkpoint is kept in {path}") from None
 
     def logs_written(self) -> None:
         """Upload the TensorBoard event files that changed, so the logs in the
         bucket stay readable while training runs."""
         if uri := self.remote(self.local.tensorboard_path):
             self._check_lock()
-            self._upload_tree(self.local.tensorboard_path, uri)
+            with self._naming_the_kept_checkpoint():
+                self._upload_tree(self.local.tensorboard_path, uri)
+
+    @contextlib.contextmanager
+    def _naming_the_kept_checkpoint(self) -> Iterator[None]:
+        """A failed upload mid-run says where the run's checkpoint is: a rerun
+        on this node resumes from it."""
+        try:
+            yield
+        except JobError as err:
+            path = self.local.checkpoint_path
+            if not path.exists():
+                raise
+            raise JobError(f"{err}; the checkpoint is kept in {path}") from None
 
     def publish_artifacts(self) -> None:
         """Everything in the staging dirs but metrics.json."""

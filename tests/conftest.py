@@ -20,6 +20,17 @@ pytest_plugins = ["tests.stores"]
 os.environ.pop("MNIST_JOB_COMPILE_CACHE", None)
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """The CLI run in-process sets TensorFlow's variables (TF_CPP_MIN_LOG_LEVEL,
+    XLA_FLAGS...) in os.environ: not beyond a test, where the job that a later
+    test starts would inherit them (another compile-cache key, a log level)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_mnist()

@@ -13,7 +13,7 @@ import pytest
 
 from job import storage
 from job.config import TrainConfig
-from job.errors import ConfigError, ExitCode
+from job.errors import ConfigError, ExitCode, JobError
 from job.mirror import Mirror
 from job.runner import run
 from scripts.multiworker import start_workers
@@ -195,13 +195,50 @@ def test_a_network_outage_mid_run_is_ridden_out(stores, tmp_path):
     assert storage.exists(f"{uri}/metrics.json")
 
 
+def test_a_failed_upload_mid_run_names_the_kept_checkpoint(tmp_path, monkeypatch):
+    """Whichever upload meets an outage first, the logs' or the checkpoint's,
+    the error says where the checkpoint a rerun resumes from is kept."""
+    import s3fs
+
+    mirror = Mirror(TrainConfig(output_dir="s3://no-store/run", staging_dir=tmp_path))
+    events = mirror.local.tensorboard_path / "train" / "events.out.tfevents.1"
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"event")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv(storage.RETRY_SECONDS_ENV, "0")
+    s3fs.S3FileSystem.clear_instance_cache()  # one that reads these variables
+    try:
+        with pytest.raises(JobError) as no_checkpoint:
+            mirror.logs_written()
+        mirror.local.checkpoint_path.parent.mkdir(parents=True)
+        mirror.local.checkpoint_path.write_bytes(b"checkpoint")
+        for upload in (mirror.logs_written, mirror.checkpoint_saved):
+            with pytest.raises(JobError) as failed:
+                upload()
+            assert str(failed.value).startswith("could not upload to s3://no-store/run/")
+            assert str(failed.value).endswith(
+                f"; the checkpoint is kept in {mirror.local.checkpoint_path}"
+            )
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "the checkpoint is kept" not in str(no_checkpoint.value)
+
+
 @pytest.mark.slow
 def test_a_lasting_outage_ends_with_exit_1_and_keeps_the_local_checkpoint(stores, tmp_path):
     s3 = stores["s3"]
     uri = s3.uri()
     proxy = FlakyProxy(s3.env["AWS_ENDPOINT_URL"])
     env = {**s3.env, "AWS_ENDPOINT_URL": proxy.url, "MNIST_JOB_STORAGE_RETRY_SECONDS": "3"}
-    args = ["train", "--output-dir", uri, "--epochs", "40", "--checkpoint-every", "5"]
+    # TensorBoard's logs local: the checkpoint is then the only upload mid-run,
+    # the one that meets the outage (the logs' own upload follows its event
+    # writer's flushes, which come when they come).
+    logs = str(tmp_path / "logs")
+    args = ["train", "--output-dir", uri, "--tensorboard-dir", logs, "--epochs", "40",
+            "--checkpoint-every", "5"]  # fmt: skip
     process = start_tiny_job(*args, "--staging-dir", str(tmp_path), env=env)
     try:
         wait_for(f"{uri}/checkpoints/latest.npz", process)
