@@ -5,7 +5,8 @@ TF_CPP_MIN_LOG_LEVEL says: absl's `WARNING: All log messages before
 absl::InitializeLog() is called are written to STDERR`, an `I0000` notice
 about the CPU (oneDNN's or the CPU feature guard's), and on every run that
 loads a compiled step from the compile cache `E0000` lines that are harmless
-(on some CPUs one says "SIGILL"). Alerting fires on `E0000`, users read "SIGILL" as a crash.
+(on some CPUs one says "SIGILL"). Alerting fires on `E0000`, users read
+"SIGILL" as a crash.
 
 `start()` (the CLI calls it before TensorFlow is imported) points fd 2 at a
 pipe read by a small filter process (this file, run with the stdlib alone),

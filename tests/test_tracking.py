@@ -22,7 +22,7 @@ from job.config import TrainConfig, from_options
 from job.errors import ConfigError, Terminated
 from job.options import train_options
 from job.runner import run
-from job.tracking import HTTP_DEFAULTS, PARAMS, QUIET_DEFAULTS, tracked
+from job.tracking import PARAMS, tracked
 from tests.conftest import run_tiny_job
 from tests.stores import FlakyProxy, free_port, serving
 
@@ -55,18 +55,12 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def mlflow_variables_restored():
-    """Tracking sets MLflow's variables in its process: not beyond a test."""
-    names = (*HTTP_DEFAULTS, *QUIET_DEFAULTS, "MLFLOW_TRACKING_URI")
-    saved = {name: os.environ.get(name) for name in names}
+def mlflow_tracking_uri_reset():
+    """Tracking sets MLflow's tracking URI in its process: not beyond a test
+    (conftest restores the variables it sets)."""
     yield
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(None)  # as the test found it
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def client_for(uri: str):
