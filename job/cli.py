@@ -55,6 +55,9 @@ def cli() -> None:
       mnist-job evaluate --model outputs    # confusion matrix, gallery of mistakes
       mnist-job info                        # what the job sees here (pods, GPUs)
     """
+    from job.lean_imports import keep_out_of_keras
+
+    keep_out_of_keras()  # before any command loads TensorFlow
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

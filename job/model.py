@@ -33,16 +33,20 @@ def build_model(hidden_units: tuple[int, ...] = (128, 64)) -> keras.Sequential:
 
 
 def build_optimizer(learning_rate: float) -> keras.optimizers.Adam:
-    import keras
+    """The training loop's Adam (job/optimizer.py: Keras' Adam, a faster trace)."""
+    from job.optimizer import FusedAdam
 
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+    return FusedAdam(learning_rate=learning_rate)
 
 
 def compile_for_users(model: keras.Model, learning_rate: float) -> None:
     """Compile the saved model as the seed did, so that a user who loads
     model.keras can call evaluate() and fit() without any setup."""
+    import keras
+
     model.compile(
-        optimizer=build_optimizer(learning_rate),
+        # Keras' own class: loading model.keras must not need this package.
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
