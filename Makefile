@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
+# The benchmark's own venv: the CPU image's packages only (requirements/cpu.txt),
+# so that the seed and the job are measured where the job runs, without the
+# dev venv's extras (MLflow's scikit-learn and pandas slow Keras' start-up).
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 OUTPUT_DIR ?= outputs
 ARGS ?=
 WORKERS ?= 2
@@ -56,8 +61,14 @@ format: $(VENV_STAMP) ## Apply ruff's fixes and formatting
 tensorboard: $(VENV_STAMP) ## Serve OUTPUT_DIR's logs (a dir, gs:// or s3://) on TENSORBOARD_HOST:TENSORBOARD_PORT (localhost:6006)
 	$(VENV)/bin/mnist-job tensorboard --logdir $(OUTPUT_DIR) --host $(TENSORBOARD_HOST) --port $(TENSORBOARD_PORT)
 
-bench: $(VENV_STAMP) ## Benchmark the seed script against mnist-job (writes bench/)
-	$(PY) scripts/bench.py $(ARGS)
+$(BENCH_STAMP): requirements/cpu.txt pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements/cpu.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation --editable .
+	touch $@
+
+bench: $(BENCH_STAMP) ## Benchmark the seed script against mnist-job, in the CPU image's packages (writes bench/)
+	$(BENCH_VENV)/bin/python scripts/bench.py $(ARGS)
 
 bench-memory: $(VENV_STAMP) ## Smallest container memory limit, job vs seed (docker, mnist-job:cpu; bench/memory.json)
 	$(PY) scripts/memory_limit.py $(ARGS)
@@ -65,8 +76,8 @@ bench-memory: $(VENV_STAMP) ## Smallest container memory limit, job vs seed (doc
 lock: ## Regenerate requirements/*.txt from pyproject.toml (needs pip-tools)
 	scripts/lock.sh
 
-clean: ## Remove the venv, outputs and caches (not the MNIST cache)
-	rm -rf $(VENV) $(OUTPUT_DIR) $(SWEEP_DIR) .pytest_cache .ruff_cache build *.egg-info
+clean: ## Remove the venvs, outputs and caches (not the MNIST cache)
+	rm -rf $(VENV) $(BENCH_VENV) $(OUTPUT_DIR) $(SWEEP_DIR) .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include docker/docker.mk

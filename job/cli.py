@@ -55,9 +55,12 @@ def cli() -> None:
       mnist-job evaluate --model outputs    # confusion matrix, gallery of mistakes
       mnist-job info                        # what the job sees here (pods, GPUs)
     """
+    from job.heap import return_large_blocks_when_freed
     from job.lean_imports import keep_out_of_keras
 
-    keep_out_of_keras()  # before any command loads TensorFlow
+    # Before any command loads TensorFlow.
+    keep_out_of_keras()
+    return_large_blocks_when_freed()
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

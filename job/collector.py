@@ -5,6 +5,10 @@ Importing TensorFlow and Keras and building or loading a model create
 collection walks all of them again and frees nothing: on 2 cores that cost
 `train` 0.5 s of start-up and 0.15 s of writing artifacts, and `evaluate` and
 `predict` about 0.3 s each (of 3.5 s and 3 s).
+
+The price: garbage cycles made during start-up are frozen too, never freed.
+TensorFlow's import makes one that holds the frames importing it, with their
+locals; runner.run imports it before any of its callees holds data.
 """
 
 from __future__ import annotations

@@ -6,15 +6,38 @@ import ctypes
 import ctypes.util
 
 
-def _libc_malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+def _glibc(name: str):
+    """glibc's function `name`, or None where the C library has none (musl, macOS)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+_M_MMAP_THRESHOLD = -3  # malloc.h
+
+# Blocks at least this large get pages of their own, unmapped when freed. Each
+# validation pass allocates ~40 MB of temporaries (the test images as floats,
+# the first layer's output); a training step's largest tensor is ~0.4 MB.
+LARGE_BLOCK_BYTES = 8 << 20
+
+
+def return_large_blocks_when_freed() -> None:
+    """From now on a freed block of LARGE_BLOCK_BYTES or more goes back to the
+    kernel at once (glibc only).
+
+    glibc gives large blocks their own pages, but after freeing one it raises
+    that threshold to the block's size, up to 32 MB: later blocks of that size
+    come from the heap, where freed memory stays mapped. TensorFlow allocates
+    from whichever of glibc's per-thread heaps its worker thread has, so each
+    validation pass's ~40 MB of temporaries stayed in another heap: resident
+    memory grew by ~30 MB an epoch. A fixed threshold stops that (peak RSS
+    830-860 -> 760-766 MB on the seed's run) at no measurable cost in time.
+    """
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def release_free_memory() -> None:

@@ -49,6 +49,10 @@ def run(config: TrainConfig, datasets=None, strategy=None) -> RunResult:
         logs.task_fields(cluster),
         outputs.claimed(mirror.local, cluster.is_chief, mirror),
     ):
+        # Not in _prepare: TensorFlow's import leaves a cycle (tf.lite's loader keeps an
+        # ImportError) holding the importing frames, frozen with their locals (job/collector.py).
+        import tensorflow  # noqa: F401
+
         job = _prepare(mirror.local, cluster, datasets, strategy, mirror)
         from job.summaries import Summaries
 
@@ -75,7 +79,7 @@ class _Job:
     mirror: Mirror  # uploads what the chief writes to the bucket dirs, if any
     placement: Placement
     trainer: object  # job.loop.Trainer, holding the model and its optimizer
-    train: _InMemory
+    train: _InMemory | None  # None once trained: writing the artifacts needs only the test set
     test: _InMemory
     test_arrays: tuple[np.ndarray, np.ndarray]  # the test set as numpy, for the figures
     state: checkpoint.TrainState  # where training stands; updated in place
@@ -194,6 +198,7 @@ def _train(job: _Job, summaries, termination: sigterm.Sigterm) -> None:
             f"checkpoint in {job.mirror.shown(config.checkpoint_path.parent)}"
         ) from err
     job.timings["fit_seconds"] = time.perf_counter() - started
+    job.train = None  # its 47 MB would make writing the artifacts the run's peak memory
     if not finished:
         raise Terminated(
             f"stopped by SIGTERM at epoch {state.epoch + 1}, step {state.step}: checkpoint "
