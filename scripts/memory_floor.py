@@ -40,6 +40,12 @@ def compiled_step() -> None:
 
 
 if __name__ == "__main__":
+    from job.heap import return_large_blocks_when_freed
+    from job.lean_imports import keep_out_of_keras
+
+    # As the CLI starts every command.
+    keep_out_of_keras()
+    return_large_blocks_when_freed()
     if sys.argv[1:] == ["import"]:
         import tensorflow  # noqa: F401
     elif sys.argv[1:] == ["step"]:
