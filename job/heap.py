@@ -30,11 +30,11 @@ def return_large_blocks_when_freed() -> None:
 
     glibc gives large blocks their own pages, but after freeing one it raises
     that threshold to the block's size, up to 32 MB: later blocks of that size
-    come from the heap, where freed memory stays mapped. TensorFlow allocates
-    from whichever of glibc's per-thread heaps its worker thread has, so each
-    validation pass's ~40 MB of temporaries stayed in another heap: resident
-    memory grew by ~30 MB an epoch. A fixed threshold stops that (peak RSS
-    830-860 -> 760-766 MB on the seed's run) at no measurable cost in time.
+    come from its heaps (one per thread that allocates, up to 8 per core),
+    where freed memory stays mapped and was not all reused: with each
+    validation pass's ~40 MB of temporaries, resident memory grew by ~30 MB
+    an epoch. A fixed threshold stops that (peak RSS 830-860 -> 760-766 MB on
+    the seed's run) at no measurable cost in time.
     """
     if _MALLOPT is not None:
         _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
